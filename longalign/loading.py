@@ -1,0 +1,103 @@
+"""Loading components by hub id or local path, with one-line errors for user mistakes.
+
+Every loader in the project goes through `load_pretrained` / `fetch_file`, so a missing folder,
+an unreachable hub id or an incomplete checkpoint becomes a `UserError` that the command-line
+entry points print as one line with exit code 2 (DESIGN.md, "Fail loudly and clearly").
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import sys
+from typing import Any, Callable, TypeVar
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.-]+)*")
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """A problem with the user's input or files; shown as one line, exit code 2."""
+
+
+def cli_entry(main: Callable[..., T]) -> Callable[..., T]:
+    """Wrap a command-line `main`: a `UserError` prints `error: ...` on stderr and exits 2."""
+
+    @functools.wraps(main)
+    def wrapped(*args: Any, **kwargs: Any) -> T:
+        try:
+            return main(*args, **kwargs)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    return wrapped
+
+
+def resolve_source(name: str, what: str) -> str:
+    """Return `name` as an existing local path, or as a hub id (`org/repo`) to be fetched.
+
+    A name that is neither an existing path nor shaped like a hub id is refused here, naming it.
+    """
+    path = os.path.expanduser(str(name))
+    if os.path.exists(path):
+        return path
+    if _HUB_ID.fullmatch(str(name)) and not str(name).startswith((".", "/", "~")):
+        return str(name)
+    raise UserError(f"{what} not found: '{name}' is not an existing file or folder")
+
+
+def _hub_hint(name: str, what: str, error: BaseException) -> UserError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return UserError(
+        f"could not load {what} from '{name}' ({reason[:200]}); with no hub access, download it "
+        f"elsewhere and pass the local folder instead"
+    )
+
+
+def split_hub_path(source: str) -> tuple[str, str | None]:
+    """`org/repo/sub/folder` -> (`org/repo`, `sub/folder`); a local path is returned whole."""
+    if os.path.exists(source):
+        return source, None
+    parts = source.split("/")
+    return "/".join(parts[:2]), ("/".join(parts[2:]) or None)
+
+
+def load_pretrained(cls: Any, name: str, what: str, subfolder: str | None = None, **kwargs: Any) -> Any:
+    """`cls.from_pretrained(name, subfolder=...)` with a one-line `UserError` on failure.
+
+    Works the same for a hub id and a local folder (the hub's folder layout). A hub id may name
+    a folder inside the repo: `shihaozhao/LaVi-Bridge/t5_unet/adapter`.
+    """
+    source, inner = split_hub_path(resolve_source(name, what))
+    if inner is not None:
+        subfolder = f"{inner}/{subfolder}" if subfolder else inner
+    if subfolder is not None:
+        kwargs["subfolder"] = subfolder
+        if os.path.isdir(source) and not os.path.isdir(os.path.join(source, subfolder)):
+            raise UserError(f"{what} not found: '{source}' has no '{subfolder}/' folder")
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as error:
+        where = f"{name}/{subfolder}" if subfolder else name
+        raise _hub_hint(where, what, error) from None
+
+
+def fetch_file(source: str, filename: str, what: str) -> str:
+    """Path of `filename` inside a local folder or a hub repo (downloaded if needed)."""
+    source, inner = split_hub_path(resolve_source(source, what))
+    if inner is not None:
+        filename = f"{inner}/{filename}"
+    if os.path.isdir(source):
+        path = os.path.join(source, filename)
+        if not os.path.exists(path):
+            raise UserError(f"{what} not found: '{path}' does not exist")
+        return path
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(source, filename)
+    except Exception as error:  # hub errors come in many classes; all mean "could not fetch"
+        raise _hub_hint(f"{source}/{filename}", what, error) from None

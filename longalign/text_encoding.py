@@ -1,0 +1,399 @@
+"""Segment-level long-prompt encoding (paper §3; METHOD.md §1-2).
+
+A long prompt is split into segments (sentences) that each fit CLIP's 77-token window; every
+segment is encoded by CLIP in one batched forward pass; per segment the `<sot>` row and the
+content rows are kept (`<eot>` and padding dropped); the rows of all segments are concatenated and
+fitted to `token_length` with a new padding embedding `<pad*>`. T5-large encodes the whole prompt
+and the `TextAdapter` maps it to the UNet width. The UNet context is
+`cat([clip (B, L, 768), adapter(t5) (B, L, 768)], dim=1)` -> (B, 2L, 768), L = `token_length`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import pysbd
+import torch
+from torch import nn
+
+from .adapter import TextAdapter
+from .loading import UserError, load_pretrained
+
+logger = logging.getLogger(__name__)
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+T5_LARGE = "google-t5/t5-large"
+ENCODER_MODES = ("clip+t5", "clip", "t5")
+
+# Released rule for <pad*>: the mean of CLIP's outputs for "" at positions 17..76 (the last 60
+# padding positions of the 77-token window).
+PAD_EMBEDDING_POSITIONS = slice(17, 77)
+
+Segmenter = Callable[[str, "object"], list[str]]
+
+
+# --------------------------------------------------------------------------------- segmenters
+def split_legacy(prompt: str, tokenizer: object = None) -> list[str]:
+    """The released splitting rule: split on `.` and `?` only, drop empty pieces, append `.`, strip.
+
+    Kept for exact parity with the released LongSD weights. Decimals (`3.5`) are split and
+    a segment longer than CLIP's window is later truncated by the tokenizer, as released.
+    The empty prompt gives one empty segment.
+    """
+    pieces = [piece for piece in re.split(r"[.?]", prompt) if piece.strip()]
+    return [(piece + ".").strip() for piece in pieces] or [""]
+
+
+def _token_count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _greedy_pack(pieces: list[str], joiner: str, fits: Callable[[str], bool]) -> list[str]:
+    """Join consecutive pieces while the result fits; a piece that does not fit alone stays alone."""
+    packed: list[str] = []
+    current = ""
+    for piece in pieces:
+        candidate = f"{current}{joiner}{piece}" if current else piece
+        if not current or fits(candidate):
+            current = candidate
+        else:
+            packed.append(current)
+            current = piece
+    if current:
+        packed.append(current)
+    return packed
+
+
+def fit_to_window(sentence: str, tokenizer, max_tokens: int) -> list[str]:
+    """Split one sentence into pieces of at most `max_tokens` content tokens, never dropping text.
+
+    Tries comma boundaries first, then word boundaries, then (for a single enormous "word")
+    character boundaries. Pieces are packed greedily, so a sentence is split as little as possible.
+    """
+
+    def fits(text: str) -> bool:
+        return _token_count(tokenizer, text) <= max_tokens
+
+    if fits(sentence):
+        return [sentence]
+    levels = [(r"(?<=,)\s+", " "), (r"\s+", " "), (None, "")]
+    for level, (pattern, joiner) in enumerate(levels):
+        parts = re.split(pattern, sentence) if pattern else list(sentence)
+        if len(parts) > 1:
+            break
+    pieces = []
+    for chunk in _greedy_pack(parts, joiner, fits):
+        pieces.extend([chunk] if fits(chunk) else fit_to_window(chunk, tokenizer, max_tokens))
+    return pieces
+
+
+def split_sentences(prompt: str, tokenizer, max_tokens: int | None = None) -> list[str]:
+    """Default segmenter: one sentence per segment, each fitting CLIP's content window (75 tokens).
+
+    Paragraphs (blank lines) are split first; pySBD finds sentence boundaries (abbreviations such
+    as "Dr." and "e.g.", decimals such as "3.5 m", `!`, `?`); `;` also ends a segment. A sentence
+    longer than the window is split at a comma, else at a word boundary (`fit_to_window`).
+    Empty or whitespace-only prompts give one empty segment.
+    """
+    if max_tokens is None:
+        max_tokens = content_window(tokenizer)
+    segmenter = pysbd.Segmenter(language="en", clean=False)
+    sentences: list[str] = []
+    for paragraph in re.split(r"\n\s*\n", prompt):
+        paragraph = " ".join(paragraph.split())
+        if not paragraph:
+            continue
+        for sentence in segmenter.segment(paragraph):
+            sentences.extend(clause for clause in re.split(r"(?<=;)\s+", sentence.strip()) if clause)
+    segments = [piece for sentence in sentences for piece in fit_to_window(sentence, tokenizer, max_tokens)]
+    return segments or [""]
+
+
+SEGMENTERS: dict[str, Segmenter] = {"sentences": split_sentences, "legacy": split_legacy}
+
+
+def get_segmenter(name: str) -> Segmenter:
+    """Look up a segmenter by name; unknown names raise a `UserError` listing the choices."""
+    if name not in SEGMENTERS:
+        raise UserError(f"unknown segmenter '{name}'; choose one of: {', '.join(SEGMENTERS)}")
+    return SEGMENTERS[name]
+
+
+def context_window(tokenizer, text_encoder: nn.Module | None = None) -> int:
+    """Tokens one CLIP forward sees: 77 for SD1.5 (`<sot>` + 75 content + `<eot>`)."""
+    window = int(tokenizer.model_max_length)
+    if text_encoder is not None:
+        window = min(window, int(text_encoder.config.max_position_embeddings))
+    return window
+
+
+def content_window(tokenizer) -> int:
+    """Content tokens that fit one segment: the window less `<sot>` and `<eot>` (75 for CLIP)."""
+    return context_window(tokenizer) - 2
+
+
+# ------------------------------------------------------------------------------ the report
+@dataclass
+class PromptReport:
+    """What happened to one prompt: segments, CLIP content tokens, what was kept and dropped."""
+
+    segments: int
+    content_tokens: int
+    tokens_kept: int
+    tokens_dropped: int
+    cut_segment: int | None = None
+    cut_text: str | None = None
+    t5_tokens: int | None = None
+    t5_tokens_dropped: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_tokenizer(tokenizer, where: str) -> None:
+    """Refuse a tokenizer that loaded without its vocabulary (some classes load empty silently)."""
+    if len(tokenizer) < 10:
+        raise UserError(f"tokenizer at '{where}' loaded with {len(tokenizer)} tokens; the folder is incomplete")
+
+
+# ------------------------------------------------------------------------------ CLIP branch
+class SegmentCLIPEncoder(nn.Module):
+    """Segment-level CLIP encoding with the released token policy (paper §3.1, METHOD.md §1).
+
+    `forward(prompts)` -> (hidden (B, token_length, D), reports). Per prompt: segments are
+    tokenized as `<sot> content[:75] <eot>`, all segments of the batch go through CLIP in one
+    forward pass, each segment keeps its `<sot>` and content rows (padding is decided by length,
+    never by id), the rows are concatenated in order and cut at, or padded with `<pad*>` to,
+    `token_length`. `<pad*>` (buffer `pad_embedding`, (D,)) is computed once from the empty prompt.
+    """
+
+    def __init__(self, tokenizer, text_encoder: nn.Module, token_length: int = 240, segmenter: str = "sentences"):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.token_length = token_length
+        self.segmenter_name = segmenter
+        self.segmenter = get_segmenter(segmenter)
+        self.window = context_window(tokenizer, text_encoder)
+        specials = tokenizer("", add_special_tokens=True)["input_ids"]
+        if len(specials) != 2:
+            raise UserError(f"tokenizer must wrap text as <sot> text <eot>; it gives {specials} for ''")
+        self.sot_id, self.eot_id = specials
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot_id
+        self.register_buffer("pad_embedding", self._empty_prompt_padding(), persistent=False)
+
+    @torch.no_grad()
+    def _empty_prompt_padding(self) -> torch.Tensor:
+        input_ids = [self.sot_id, self.eot_id] + [self.pad_id] * (self.window - 2)
+        device = next(self.text_encoder.parameters()).device
+        hidden = self.text_encoder(torch.tensor([input_ids], device=device)).last_hidden_state
+        return hidden[0, PAD_EMBEDDING_POSITIONS].mean(dim=0)  # (D,)
+
+    def split(self, prompt: str) -> list[str]:
+        """The prompt's segments under this encoder's segmenter."""
+        return self.segmenter(prompt, self.tokenizer)
+
+    def encode_segments(self, segments: Sequence[str]) -> tuple[torch.Tensor, list[int], list[int]]:
+        """Encode segments in one CLIP pass.
+
+        Returns hidden (S, T, D) with T the longest tokenized segment, the number of rows to keep per
+        segment (`<sot>` + content, at most the window less `<eot>`), and the untruncated content
+        token counts.
+        """
+        content_ids = self.tokenizer(list(segments), add_special_tokens=False)["input_ids"]
+        max_content = self.window - 2
+        sequences = [[self.sot_id, *ids[:max_content], self.eot_id] for ids in content_ids]
+        longest = max(len(sequence) for sequence in sequences)
+        input_ids = torch.tensor([s + [self.pad_id] * (longest - len(s)) for s in sequences])
+        device = self.pad_embedding.device
+        hidden = self.text_encoder(input_ids.to(device)).last_hidden_state  # (S, T, D)
+        keep = [len(sequence) - 1 for sequence in sequences]
+        return hidden, keep, [len(ids) for ids in content_ids]
+
+    def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list[PromptReport]]:
+        segments_per_prompt = [self.split(prompt) for prompt in prompts]
+        flat = [segment for segments in segments_per_prompt for segment in segments]
+        hidden, keep, content_counts = self.encode_segments(flat)
+        outputs, reports = [], []
+        index = 0
+        for prompt_index, segments in enumerate(segments_per_prompt):
+            rows, kept_tokens, cut_segment = [], 0, None
+            length = 0
+            for offset, segment in enumerate(segments):
+                n_rows = keep[index + offset]
+                take = min(n_rows, self.token_length - length)
+                if take > 0:
+                    rows.append(hidden[index + offset, :take])
+                    kept_tokens += max(take - 1, 0)
+                    length += take
+                if take < n_rows and cut_segment is None:
+                    cut_segment = offset
+            content = sum(content_counts[index : index + len(segments)])
+            index += len(segments)
+            context = torch.cat(rows, dim=0)  # (<= token_length, D)
+            if length < self.token_length:
+                padding = self.pad_embedding.to(context.dtype).expand(self.token_length - length, -1)
+                context = torch.cat([context, padding], dim=0)
+            outputs.append(context)
+            report = PromptReport(len(segments), content, kept_tokens, content - kept_tokens)
+            if report.tokens_dropped:
+                report.cut_segment = cut_segment
+                report.cut_text = segments[cut_segment][:60] if cut_segment is not None else None
+                self._warn_cut(prompt_index, report, segments)
+            reports.append(report)
+        return torch.stack(outputs), reports  # (B, token_length, D)
+
+    def _warn_cut(self, prompt_index: int, report: PromptReport, segments: list[str]) -> None:
+        where = (
+            f"segment {report.cut_segment + 1}/{len(segments)} ('{report.cut_text}...')"
+            if report.cut_segment is not None
+            else "inside over-long segments"
+        )
+        logger.warning(
+            "prompt %d: %d of %d CLIP content tokens dropped (token_length=%d); the cut fell in %s",
+            prompt_index, report.tokens_dropped, report.content_tokens, self.token_length, where,
+        )
+
+
+# -------------------------------------------------------------------------------- T5 branch
+class T5PromptEncoder(nn.Module):
+    """T5-large encoder on the whole prompt (paper §3.1, METHOD.md §2).
+
+    `forward(prompts)` -> (hidden (B, token_length, 1024), [(tokens, dropped)] per prompt).
+    Prompts are padded/truncated to `token_length`; as released, the encoder sees no attention
+    mask (pad tokens are encoded) unless `use_attention_mask`.
+    """
+
+    def __init__(self, tokenizer, encoder: nn.Module, token_length: int = 240, use_attention_mask: bool = False):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.encoder = encoder
+        self.token_length = token_length
+        self.use_attention_mask = use_attention_mask
+
+    def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        counts = [len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
+        batch = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.token_length, truncation=True, return_tensors="pt"
+        )
+        device = next(self.encoder.parameters()).device
+        mask = batch["attention_mask"].to(device) if self.use_attention_mask else None
+        hidden = self.encoder(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state
+        return hidden, [(n, max(n - self.token_length, 0)) for n in counts]
+
+
+# ------------------------------------------------------------------------------- composite
+@dataclass
+class FrozenEncoding:
+    """Outputs of the frozen encoders for a batch: CLIP (B, L, D) and/or T5 (B, L, 1024)."""
+
+    clip: torch.Tensor | None
+    t5: torch.Tensor | None
+    reports: list[PromptReport]
+
+
+class LongPromptEncoder(nn.Module):
+    """Long prompt -> UNet context, in the paper's three encoder variants (§3.1, ablation §5).
+
+    `mode` = `clip+t5` (default): `cat([clip (B, L, D), adapter(t5) (B, L, D)], 1)` -> (B, 2L, D);
+    `clip`: (B, L, D); `t5`: `adapter(t5)` (B, L, D). CLIP and T5 are frozen (`encode_frozen`
+    runs under no_grad); the adapter is applied in `context`, so it can be trained.
+    """
+
+    def __init__(
+        self,
+        clip: SegmentCLIPEncoder | None,
+        t5: T5PromptEncoder | None,
+        adapter: TextAdapter | None,
+        mode: str = "clip+t5",
+    ):
+        super().__init__()
+        if mode not in ENCODER_MODES:
+            raise UserError(f"unknown encoder mode '{mode}'; choose one of: {', '.join(ENCODER_MODES)}")
+        needs_t5 = mode != "clip"
+        if (mode != "t5" and clip is None) or (needs_t5 and (t5 is None or adapter is None)):
+            raise UserError(f"encoder mode '{mode}' needs {'CLIP, ' if mode != 't5' else ''}T5 and the adapter")
+        if needs_t5 and clip is not None and adapter.config.out_dim != clip.pad_embedding.shape[-1]:
+            raise UserError(
+                f"adapter out_dim {adapter.config.out_dim} does not match the CLIP width "
+                f"{clip.pad_embedding.shape[-1]}: the adapter belongs to another model"
+            )
+        self.mode = mode
+        self.clip = clip if mode != "t5" else None
+        self.t5 = t5 if needs_t5 else None
+        self.adapter = adapter if needs_t5 else None
+
+    @property
+    def token_length(self) -> int:
+        return (self.clip or self.t5).token_length
+
+    @torch.no_grad()
+    def encode_frozen(self, prompts: Sequence[str]) -> FrozenEncoding:
+        """Run the frozen encoders. Returns CLIP (B, L, D) / T5 (B, L, 1024) and the reports."""
+        prompts = list(prompts)
+        clip_hidden, reports = (None, None)
+        if self.clip is not None:
+            clip_hidden, reports = self.clip(prompts)
+        t5_hidden = None
+        if self.t5 is not None:
+            t5_hidden, counts = self.t5(prompts)
+            if reports is None:
+                reports = [PromptReport(1, 0, 0, 0) for _ in prompts]
+            for report, (tokens, dropped) in zip(reports, counts):
+                report.t5_tokens, report.t5_tokens_dropped = tokens, dropped
+        return FrozenEncoding(clip_hidden, t5_hidden, reports)
+
+    def context(self, frozen: FrozenEncoding) -> torch.Tensor:
+        """UNet context from frozen outputs; gradients flow into the adapter. (B, L or 2L, D)."""
+        parts = []
+        if frozen.clip is not None:
+            parts.append(frozen.clip)
+        if frozen.t5 is not None:
+            adapter_dtype = next(self.adapter.parameters()).dtype
+            parts.append(self.adapter(frozen.t5.to(adapter_dtype)))
+        dtype = parts[-1].dtype
+        return torch.cat([part.to(dtype) for part in parts], dim=1)
+
+    def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list[PromptReport]]:
+        """Prompts -> (context (B, L or 2L, D), per-prompt reports)."""
+        frozen = self.encode_frozen(prompts)
+        return self.context(frozen), frozen.reports
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model: str = SD15,
+        t5_model: str = T5_LARGE,
+        adapter: str | None = None,
+        mode: str = "clip+t5",
+        token_length: int = 240,
+        segmenter: str = "sentences",
+        t5_attention_mask: bool = False,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> "LongPromptEncoder":
+        """Load CLIP (SD1.5 `tokenizer`/`text_encoder`), T5 and the adapter by hub id or local path."""
+        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+        if mode not in ENCODER_MODES:
+            raise UserError(f"unknown encoder mode '{mode}'; choose one of: {', '.join(ENCODER_MODES)}")
+        clip = t5 = text_adapter = None
+        if mode != "t5":
+            tokenizer = load_pretrained(AutoTokenizer, pretrained_model, "CLIP tokenizer", subfolder="tokenizer")
+            check_tokenizer(tokenizer, f"{pretrained_model}/tokenizer")
+            text_encoder = load_pretrained(CLIPTextModel, pretrained_model, "CLIP text encoder", subfolder="text_encoder")
+            text_encoder.requires_grad_(False).eval().to(device, dtype)
+            clip = SegmentCLIPEncoder(tokenizer, text_encoder, token_length, segmenter)
+        if mode != "clip":
+            if adapter is None:
+                raise UserError(f"encoder mode '{mode}' needs an adapter folder (--adapter)")
+            t5_tokenizer = load_pretrained(AutoTokenizer, t5_model, "T5 tokenizer")
+            check_tokenizer(t5_tokenizer, t5_model)
+            t5_encoder = load_pretrained(T5EncoderModel, t5_model, "T5 encoder")
+            t5_encoder.requires_grad_(False).eval().to(device, dtype)
+            t5 = T5PromptEncoder(t5_tokenizer, t5_encoder, token_length, t5_attention_mask)
+            text_adapter = load_pretrained(TextAdapter, adapter, "text adapter").to(device, dtype)
+        return cls(clip, t5, text_adapter, mode)
