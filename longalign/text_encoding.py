@@ -48,7 +48,7 @@ def split_legacy(prompt: str, tokenizer: object = None) -> list[str]:
 
 
 def _token_count(tokenizer, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def _greedy_pack(pieces: list[str], joiner: str, fits: Callable[[str], bool]) -> list[str]:
@@ -203,7 +203,7 @@ class SegmentCLIPEncoder(nn.Module):
         segment (`<sot>` + content, at most the window less `<eot>`), and the untruncated content
         token counts.
         """
-        content_ids = self.tokenizer(list(segments), add_special_tokens=False)["input_ids"]
+        content_ids = self.tokenizer(list(segments), add_special_tokens=False, verbose=False)["input_ids"]
         max_content = self.window - 2
         sequences = [[self.sot_id, *ids[:max_content], self.eot_id] for ids in content_ids]
         longest = max(len(sequence) for sequence in sequences)
@@ -275,13 +275,19 @@ class T5PromptEncoder(nn.Module):
         self.use_attention_mask = use_attention_mask
 
     def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        counts = [len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
+        counts = [len(ids) for ids in self.tokenizer(list(prompts), verbose=False)["input_ids"]]
         batch = self.tokenizer(
             list(prompts), padding="max_length", max_length=self.token_length, truncation=True, return_tensors="pt"
         )
         device = next(self.encoder.parameters()).device
         mask = batch["attention_mask"].to(device) if self.use_attention_mask else None
         hidden = self.encoder(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state
+        for index, count in enumerate(counts):
+            if count > self.token_length:
+                logger.warning(
+                    "prompt %d: T5 sees the first %d of %d tokens (token_length=%d); %d dropped",
+                    index, self.token_length, count, self.token_length, count - self.token_length,
+                )
         return hidden, [(n, max(n - self.token_length, 0)) for n in counts]
 
 
@@ -395,5 +401,5 @@ class LongPromptEncoder(nn.Module):
             t5_encoder = load_pretrained(T5EncoderModel, t5_model, "T5 encoder")
             t5_encoder.requires_grad_(False).eval().to(device, dtype)
             t5 = T5PromptEncoder(t5_tokenizer, t5_encoder, token_length, t5_attention_mask)
-            text_adapter = load_pretrained(TextAdapter, adapter, "text adapter").to(device, dtype)
+            text_adapter = load_pretrained(TextAdapter, adapter, "text adapter", torch_dtype=dtype).to(device)
         return cls(clip, t5, text_adapter, mode)

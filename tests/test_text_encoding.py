@@ -1,0 +1,297 @@
+"""Segment-level encoding: segmenters, the exact token policy, reports, adapter, modes (issue 2)."""
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoTokenizer
+
+from longalign.adapter import TextAdapter
+from longalign.loading import UserError
+from longalign.text_encoding import (
+    PAD_EMBEDDING_POSITIONS,
+    LongPromptEncoder,
+    SegmentCLIPEncoder,
+    get_segmenter,
+    split_legacy,
+    split_sentences,
+)
+
+WORDS = "red green blue cat dog tree house river stone cloud bird fish sun moon star road car boat hill lake"
+WORDS_200 = " ".join([WORDS] * 10)  # one 200-token sentence (one CLIP token per word), no punctuation
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_models):
+    return LongPromptEncoder.from_pretrained(tiny_models["sd15"], tiny_models["t5"], tiny_models["adapter"])
+
+
+@pytest.fixture(scope="module")
+def tokenizer(encoder):
+    return encoder.clip.tokenizer
+
+
+def n_tokens(tokenizer, text):
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+# ------------------------------------------------------------------------------ segmenters
+def test_sentences_goldens(tokenizer):
+    text = "Dr. Smith is 3.5 m tall, e.g. taller than me! Is he? Yes; he is.\n\nA new paragraph"
+    assert split_sentences(text, tokenizer) == [
+        "Dr. Smith is 3.5 m tall, e.g. taller than me!",
+        "Is he?",
+        "Yes;",
+        "he is.",
+        "A new paragraph",
+    ]
+    assert split_sentences("", tokenizer) == [""]
+    assert split_sentences("   \n\n  \t", tokenizer) == [""]
+    assert split_sentences("cat", tokenizer) == ["cat"]
+    assert split_sentences("A cat 🐱 sits, naïve café. 日本語の文です。 Ok!", tokenizer) == [
+        "A cat 🐱 sits, naïve café.",
+        "日本語の文です。",
+        "Ok!",
+    ]
+
+
+def test_legacy_goldens():
+    text = "Dr. Smith is 3.5 m tall! Is he? Yes; he is."
+    assert split_legacy(text) == ["Dr.", "Smith is 3.", "5 m tall! Is he.", "Yes; he is."]
+    assert split_legacy("") == [""]
+    assert split_legacy("   ") == [""]
+    assert split_legacy("cat") == ["cat."]
+    assert split_legacy("a. . b") == ["a.", "b."]
+    assert split_legacy("A cat 🐱. naïve?") == ["A cat 🐱.", "naïve."]
+    assert split_legacy(WORDS_200) == [WORDS_200 + "."]  # released: one segment, truncated later
+
+
+def test_long_sentence_is_split_never_truncated(tokenizer):
+    segments = split_sentences(WORDS_200, tokenizer)
+    assert len(segments) == 3
+    assert all(n_tokens(tokenizer, s) <= 75 for s in segments)
+    assert " ".join(segments) == WORDS_200
+
+    with_commas = ", ".join(f"clause number {i} of the list" for i in range(30)) + "."
+    segments = split_sentences(with_commas, tokenizer)
+    assert all(n_tokens(tokenizer, s) <= 75 for s in segments)
+    assert all(s.endswith((",", ".")) for s in segments)  # cut at commas, not inside clauses
+    assert " ".join(segments) == with_commas
+
+
+def test_enormous_prompts(tokenizer):
+    huge = ("A tall tree stands near a river, its leaves green and gold. " * 300).strip()  # ~5,000 tokens
+    segments = split_sentences(huge, tokenizer)
+    assert len(segments) == 300 and all(n_tokens(tokenizer, s) <= 75 for s in segments)
+    no_spaces = "x" * 3000
+    segments = split_sentences(no_spaces, tokenizer)
+    assert "".join(segments) == no_spaces and all(n_tokens(tokenizer, s) <= 75 for s in segments)
+
+
+def test_unknown_segmenter():
+    with pytest.raises(UserError, match="sentences, legacy"):
+        get_segmenter("regex")
+
+
+# ----------------------------------------------------------------------------- token policy
+def plain_clip(clip, text):
+    """SD's standard encoding: (77, D) hidden states and the number of real tokens (sot+content+eot)."""
+    batch = clip.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = clip.text_encoder(batch["input_ids"]).last_hidden_state[0]
+    return hidden, int(batch["attention_mask"].sum())
+
+
+def test_pad_embedding_is_mean_of_empty_prompt_padding(encoder):
+    clip = encoder.clip
+    hidden, _ = plain_clip(clip, "")
+    torch.testing.assert_close(clip.pad_embedding, hidden[PAD_EMBEDDING_POSITIONS].mean(0))
+
+
+def test_one_segment_prompt_equals_plain_clip_then_pad(encoder):
+    clip = encoder.clip
+    prompt = "a red circle in the top left corner"
+    hidden, n_real = plain_clip(clip, prompt)
+    with torch.no_grad():
+        encoded, (report,) = clip([prompt])
+    kept = n_real - 1  # <sot> + content, <eot> dropped
+    torch.testing.assert_close(encoded[0, :kept], hidden[:kept], rtol=0, atol=1e-6)
+    torch.testing.assert_close(encoded[0, kept:], clip.pad_embedding.expand(240 - kept, -1), rtol=0, atol=0)
+    assert (report.segments, report.content_tokens, report.tokens_kept, report.tokens_dropped) == (1, kept - 1, kept - 1, 0)
+
+
+def test_empty_prompt_is_sot_then_pad(encoder):
+    clip = encoder.clip
+    hidden, _ = plain_clip(clip, "")
+    for prompt in ("", "   "):
+        with torch.no_grad():
+            encoded, _ = clip([prompt])
+        assert encoded.shape == (1, 240, clip.pad_embedding.shape[0])
+        torch.testing.assert_close(encoded[0, 0], hidden[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(encoded[0, 1:], clip.pad_embedding.expand(239, -1), rtol=0, atol=0)
+
+
+def test_three_segments_row_by_row(encoder):
+    clip = encoder.clip
+    segments = ["A red circle is on the left.", "A blue square is in the middle!", "Is there a green triangle?"]
+    with torch.no_grad():
+        encoded, (report,) = clip([" ".join(segments)])
+    assert report.segments == 3
+    row = 0
+    for segment in segments:
+        hidden, n_real = plain_clip(clip, segment)
+        kept = n_real - 1
+        torch.testing.assert_close(encoded[0, row : row + kept], hidden[:kept], rtol=0, atol=1e-6)
+        torch.testing.assert_close(encoded[0, row], hidden[0])  # every segment keeps its <sot>
+        row += kept
+    torch.testing.assert_close(encoded[0, row:], clip.pad_embedding.expand(240 - row, -1), rtol=0, atol=0)
+
+
+def test_padding_decided_by_length_not_id(encoder, tiny_models):
+    """A tokenizer that pads with `!` (as SD2's does) keeps literal `!` tokens."""
+    bang_tokenizer = AutoTokenizer.from_pretrained(tiny_models["sd15"] / "tokenizer", pad_token="!")
+    bang_id = bang_tokenizer.convert_tokens_to_ids("!")
+    assert bang_tokenizer.pad_token_id == bang_id
+    clip = SegmentCLIPEncoder(bang_tokenizer, encoder.clip.text_encoder)
+    prompt = "Wow! Stop!! A much longer second sentence follows here, with many more words in it."
+    with torch.no_grad():
+        encoded, (report,) = clip([prompt])
+    segments = clip.split(prompt)
+    content = sum(n_tokens(bang_tokenizer, s) for s in segments)
+    assert report.content_tokens == report.tokens_kept == content
+    row = 0
+    for segment in segments:  # short segments padded with `!` inside the batch keep their own `!`
+        ids = bang_tokenizer(segment)["input_ids"]
+        with torch.no_grad():
+            hidden = clip.text_encoder(torch.tensor([ids])).last_hidden_state[0]
+        torch.testing.assert_close(encoded[0, row : row + len(ids) - 1], hidden[:-1], rtol=0, atol=1e-6)
+        row += len(ids) - 1
+
+
+# ---------------------------------------------------------------------------------- reports
+def test_overlong_prompt_is_reported_and_warned(encoder, caplog):
+    long_prompt = " ".join(f"Sentence {i} describes object {i} in great detail." for i in range(40))
+    with caplog.at_level(logging.WARNING, logger="longalign.text_encoding"):
+        with torch.no_grad():
+            _, (report,) = encoder.clip([long_prompt])
+    assert report.tokens_dropped > 0
+    assert report.tokens_kept + report.tokens_dropped == report.content_tokens
+    assert report.cut_segment is not None and report.cut_text.startswith("Sentence")
+    assert f"{report.tokens_dropped} of {report.content_tokens}" in caplog.text
+    assert f"segment {report.cut_segment + 1}/{report.segments}" in caplog.text
+
+
+def test_200_tokens_fit_240(encoder, caplog):
+    with caplog.at_level(logging.WARNING, logger="longalign.text_encoding"):
+        with torch.no_grad():
+            _, (report,) = encoder.clip([WORDS_200])
+    assert report.content_tokens == 200 and report.tokens_dropped == 0
+    assert "dropped" not in caplog.text
+
+
+def test_token_length_smaller_than_a_segment(encoder):
+    clip = SegmentCLIPEncoder(encoder.clip.tokenizer, encoder.clip.text_encoder, token_length=5)
+    with torch.no_grad():
+        encoded, (report,) = clip(["one two three four five six seven eight"])
+    assert encoded.shape[1] == 5
+    assert (report.tokens_kept, report.tokens_dropped, report.cut_segment) == (4, 4, 0)
+
+
+def test_legacy_segment_beyond_window_counts_as_dropped(encoder):
+    clip = SegmentCLIPEncoder(encoder.clip.tokenizer, encoder.clip.text_encoder, segmenter="legacy")
+    with torch.no_grad():
+        _, (report,) = clip([WORDS_200])
+    assert report.segments == 1 and report.tokens_kept == 75 and report.tokens_dropped == 126  # + "."
+
+
+# ------------------------------------------------------------------------- composite, modes
+def test_modes_and_shapes(tiny_models, encoder):
+    prompts = ["", "cat", WORDS_200, "A dog. " * 100]  # mixed lengths in one batch
+    width = encoder.clip.pad_embedding.shape[0]
+    context, reports = encoder(prompts)
+    assert context.shape == (4, 480, width) and len(reports) == 4
+    assert reports[3].t5_tokens_dropped > 0
+    for mode, length in (("clip", 240), ("t5", 240)):
+        single = LongPromptEncoder.from_pretrained(tiny_models["sd15"], tiny_models["t5"], tiny_models["adapter"], mode=mode)
+        context, _ = single(prompts)
+        assert context.shape == (4, length, width)
+    clip_only = LongPromptEncoder(encoder.clip, None, None, mode="clip")
+    torch.testing.assert_close(clip_only(prompts)[0], encoder(prompts)[0][:, :240])
+
+
+def test_adapter_receives_gradient_and_frozen_encoders_do_not(encoder):
+    context, _ = encoder(["a cat on a mat"])
+    context.sum().backward()
+    assert all(p.grad is not None for p in encoder.adapter.parameters())
+    assert all(p.grad is None for p in encoder.clip.text_encoder.parameters())
+    encoder.adapter.zero_grad(set_to_none=True)
+
+
+def test_t5_attention_mask_flag_changes_output(tiny_models):
+    kwargs = dict(mode="t5")
+    plain = LongPromptEncoder.from_pretrained(tiny_models["sd15"], tiny_models["t5"], tiny_models["adapter"], **kwargs)
+    masked = LongPromptEncoder.from_pretrained(
+        tiny_models["sd15"], tiny_models["t5"], tiny_models["adapter"], t5_attention_mask=True, **kwargs
+    )
+    assert not torch.allclose(plain(["a red circle"])[0], masked(["a red circle"])[0])
+
+
+# ---------------------------------------------------------------------------------- adapter
+RELEASED_ADAPTER_KEYS = {
+    "norm1.weight": ("in",), "norm1.bias": ("in",),
+    "ff1.net.0.proj.weight": ("8in", "in"), "ff1.net.0.proj.bias": ("8in",),
+    "ff1.net.2.weight": ("int", "4in"), "ff1.net.2.bias": ("int",),
+    "norm2.weight": ("int",), "norm2.bias": ("int",),
+    "ff2.net.0.proj.weight": ("8int", "int"), "ff2.net.0.proj.bias": ("8int",),
+    "ff2.net.2.weight": ("out", "4int"), "ff2.net.2.bias": ("out",),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("file_format", ["safetensors", "bin"])
+def test_released_adapter_folder_loads_cleanly(tmp_path, file_format):
+    dims = {"in": 12, "int": 10, "out": 8}
+    dims.update({"8in": 96, "4in": 48, "8int": 80, "4int": 40})
+    generator = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(*(dims[d] for d in shape), generator=generator) for k, shape in RELEASED_ADAPTER_KEYS.items()}
+    config = {"_class_name": "TextAdapter", "_diffusers_version": "0.20.0", "in_dim": 12, "int_dim": 10, "out_dim": 8}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    if file_format == "safetensors":
+        save_file(state, tmp_path / "diffusion_pytorch_model.safetensors")
+    else:  # the released LaVi-Bridge folder holds a pickled .bin state dict
+        torch.save(state, tmp_path / "diffusion_pytorch_model.bin")
+    adapter, info = TextAdapter.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for key, value in adapter.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+
+
+def test_adapter_round_trip_exact(tmp_path):
+    adapter = TextAdapter(in_dim=16, int_dim=12, out_dim=8).eval()
+    adapter.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    loaded = TextAdapter.from_pretrained(tmp_path).eval()
+    x = torch.randn(2, 5, 16)
+    assert torch.equal(adapter(x), loaded(x))
+
+
+# -------------------------------------------------------------------------------- bad input
+def test_missing_model_path_names_it(tiny_models):
+    with pytest.raises(UserError, match="no/such/folder"):
+        LongPromptEncoder.from_pretrained("./no/such/folder", tiny_models["t5"], tiny_models["adapter"])
+
+
+def test_adapter_from_another_model_is_refused(tiny_models, tmp_path):
+    TextAdapter(in_dim=32, int_dim=24, out_dim=16).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="another model"):
+        LongPromptEncoder.from_pretrained(tiny_models["sd15"], tiny_models["t5"], tmp_path)
+
+
+def test_empty_tokenizer_folder_is_refused(tiny_models, tmp_path):
+    broken = tmp_path / "sd15"
+    shutil.copytree(tiny_models["sd15"], broken)
+    (broken / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match="tokenizer"):
+        LongPromptEncoder.from_pretrained(broken, tiny_models["t5"], tiny_models["adapter"], mode="clip")
