@@ -357,6 +357,28 @@ class LongCaptionImageDataset(Dataset):
         return {"pixel_values": pixel_values, "caption": normalize_caption(caption), "index": index}
 
 
+class CaptionDataset(Dataset):
+    """Captions alone, for the reward stages, which generate their own images (METHOD.md §5).
+
+    `dataset[i]` is `{"caption": str, "index": i}` or a `BadRow` for an empty or non-string
+    caption; batches come from the same `collate_examples` (without `pixel_values`).
+    """
+
+    def __init__(self, table, settings: DataSettings) -> None:
+        self.table = table
+        self.settings = settings
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | BadRow:
+        index = int(index)
+        caption = self.table[index]["caption"]
+        if not isinstance(caption, str) or not caption.strip():
+            return BadRow(index, "bad_caption", f"row {index}: caption {caption!r:.40}")
+        return {"caption": normalize_caption(caption), "index": index}
+
+
 def build_train_dataset(settings: DataSettings) -> LongCaptionImageDataset:
     """Caption table + image root + fail-fast check -> a `LongCaptionImageDataset` (METHOD.md §6)."""
     table = load_caption_table(settings)
@@ -376,12 +398,12 @@ def collate_examples(items: Sequence[dict[str, Any] | BadRow], resolution: int) 
     """
     good = [item for item in items if isinstance(item, dict)]
     bad = [item for item in items if isinstance(item, BadRow)]
-    if good:
-        pixel_values = torch.stack([item["pixel_values"] for item in good])
-    else:
-        pixel_values = torch.empty(0, 3, resolution, resolution)
-    return {
-        "pixel_values": pixel_values,
+    batch: dict[str, Any] = {}
+    if good and "pixel_values" in good[0]:
+        batch["pixel_values"] = torch.stack([item["pixel_values"] for item in good])
+    elif not good:
+        batch["pixel_values"] = torch.empty(0, 3, resolution, resolution)
+    return batch | {
         "caption": [item["caption"] for item in good],
         "index": torch.tensor([item["index"] for item in good], dtype=torch.long),
         "num_rows": len(items),

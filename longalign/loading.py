@@ -101,3 +101,23 @@ def fetch_file(source: str, filename: str, what: str) -> str:
         return hf_hub_download(source, filename)
     except Exception as error:  # hub errors come in many classes; all mean "could not fetch"
         raise _hub_hint(f"{source}/{filename}", what, error) from None
+
+
+def local_path(spec: str, what: str) -> str:
+    """A local file or folder for `spec`: an existing path, or a hub path downloaded on demand.
+
+    Hub paths are `org/repo` (whole repo), `org/repo/folder` (one folder) or `org/repo/file.ext`.
+    """
+    source, inner = split_hub_path(resolve_source(spec, what))
+    if os.path.exists(source):
+        return source
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    try:
+        if inner is not None and os.path.splitext(inner)[1]:
+            return hf_hub_download(source, inner)
+        patterns = [f"{inner}/*"] if inner else None
+        root = snapshot_download(source, allow_patterns=patterns)
+    except Exception as error:  # hub errors come in many classes; all mean "could not fetch"
+        raise _hub_hint(spec, what, error) from None
+    return os.path.join(root, inner) if inner else root

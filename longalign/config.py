@@ -1,0 +1,150 @@
+"""Typed configuration: one dataclass per concern, the paper's settings as defaults.
+
+Parsed with `transformers.HfArgumentParser`, so every field is a `--flag` with its help text.
+The resolved configuration is written next to every output (`config.json`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .data import DataSettings
+from .loading import UserError
+from .text_encoding import SD15, T5_LARGE
+
+
+@dataclass
+class ModelArguments:
+    """Which models to load (shared by sample.py and the training scripts)."""
+
+    pretrained_model: str = field(
+        default=SD15, metadata={"help": "SD1.5 pipeline: hub id or local folder (unet, vae, text_encoder, tokenizer, scheduler)"}
+    )
+    t5_model: str = field(default=T5_LARGE, metadata={"help": "T5 encoder + tokenizer: hub id or local folder"})
+    adapter: str | None = field(
+        default=None,
+        metadata={"help": "TextAdapter folder (hub path org/repo/folder or local); default: the adapter/ of the last --init_from stage folder"},
+    )
+    init_from: list[str] = field(
+        default_factory=list,
+        metadata={"help": "earlier stage LoRAs fused into the UNet in order: stage folders (runs/align-x/final), .safetensors or released .pt files"},
+    )
+    encoder_mode: str = field(default="clip+t5", metadata={"help": "text conditioning: clip+t5 (paper), clip or t5 (ablation)"})
+    segmenter: str = field(default="sentences", metadata={"help": "prompt splitting: sentences (default) or legacy (released rule)"})
+    token_length: int = field(default=240, metadata={"help": "tokens per branch (CLIP segments and T5) in the UNet context"})
+
+
+VALIDATION_PROMPTS = (
+    "A quiet harbour town at dusk. Three fishing boats with red hulls rest against a wooden pier, "
+    "and a lighthouse with a green lamp stands on the rocks to the left. Above the hills on the right, "
+    "a full moon rises behind thin clouds. In the foreground, an old man in a yellow raincoat mends a net "
+    "while a black cat sleeps on a coil of rope beside him.",
+    "A sunlit kitchen seen from the doorway. On the marble counter there is a blue ceramic bowl filled with "
+    "lemons, a loaf of bread on a cutting board, and a copper kettle. A window above the sink shows a garden "
+    "with white roses. A child in a striped shirt reaches for a cookie jar on the top shelf, and a small "
+    "brown dog watches from the tiled floor.",
+)
+
+
+@dataclass
+class TrainingArguments(DataSettings):
+    """The loop's settings, shared by every stage (METHOD.md §5 "Common"; released launcher)."""
+
+    output_dir: str = field(default="runs/unnamed", metadata={"help": "where checkpoints/, final/, logs and validation images go"})
+    train_batch_size: int = field(default=16, metadata={"help": "batch size per process"})
+    gradient_accumulation_steps: int = field(default=2, metadata={"help": "micro-batches per optimizer step"})
+    learning_rate: float = field(default=3e-5, metadata={"help": "AdamW learning rate after warmup"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    adam_weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
+    lr_warmup_steps: int = field(default=2000, metadata={"help": "linear warmup, in optimizer steps; constant after"})
+    max_grad_norm: float = field(default=0.3, metadata={"help": "gradient-norm clipping"})
+    num_train_epochs: int = field(default=2, metadata={"help": "epochs, unless --max_train_steps is given"})
+    max_train_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps (overrides epochs)"})
+    checkpointing_steps: int = field(default=500, metadata={"help": "save a resumable checkpoint every N optimizer steps"})
+    checkpoints_total_limit: int | None = field(default=3, metadata={"help": "keep at most this many checkpoints"})
+    resume_from: str | None = field(
+        default=None,
+        metadata={"help": "'latest' (error if none), 'auto' (latest, or start fresh if none) or a checkpoint folder"},
+    )
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing run in --output_dir"})
+    mixed_precision: str = field(default="bf16", metadata={"help": "no, fp16 or bf16 (frozen weights in this dtype, LoRA in fp32)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute UNet activations in backward (less memory)"})
+    report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb or none"})
+    seed: int = field(default=0, metadata={"help": "seed of LoRA init, noise, timesteps, dropout and data order"})
+    validation_steps: int = field(default=500, metadata={"help": "generate validation images every N optimizer steps (0: only at the end)"})
+    validation_prompts: list[str] = field(
+        default_factory=lambda: list(VALIDATION_PROMPTS),
+        metadata={"help": "fixed held-out prompts for validation images (never training captions)"},
+    )
+    dataloader_num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes per rank"})
+    lora_rank: int = field(default=32, metadata={"help": "LoRA rank (alpha = rank, scale 1)"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
+    max_nonfinite_steps: int = field(default=10, metadata={"help": "stop after this many non-finite losses in a row"})
+    cpu: bool = field(default=False, metadata={"help": "run on CPU even when a GPU is present"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks = {
+            "--train_batch_size": self.train_batch_size,
+            "--gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "--checkpointing_steps": self.checkpointing_steps,
+            "--num_train_epochs": self.num_train_epochs,
+        }
+        for flag, value in checks.items():
+            if value < 1:
+                raise UserError(f"{flag} must be at least 1 (got {value})")
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            raise UserError(f"--max_train_steps must be at least 1 (got {self.max_train_steps})")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise UserError(f"--mixed_precision must be no, fp16 or bf16 (got {self.mixed_precision})")
+        if self.report_to not in ("tensorboard", "wandb", "none"):
+            raise UserError(f"--report_to must be tensorboard, wandb or none (got {self.report_to})")
+        if self.resume_from is not None and self.overwrite:
+            raise UserError("--resume_from and --overwrite contradict each other; pick one")
+
+
+@dataclass
+class AlignArguments(TrainingArguments):
+    """Stage `align`: long-text fine-tuning of a UNet LoRA and the adapter (paper §3, METHOD.md §5)."""
+
+    loss: str = field(default="mse", metadata={"help": "mse or pseudo_huber (c = --huber_c) on the noise prediction"})
+    huber_c: float = field(default=0.001, metadata={"help": "pseudo-Huber c"})
+    caption_dropout: float = field(default=0.1, metadata={"help": "probability of training on the empty prompt (for CFG)"})
+    train_adapter: bool = field(default=True, metadata={"help": "train the T5 adapter together with the LoRA"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss not in ("mse", "pseudo_huber"):
+            raise UserError(f"--loss must be mse or pseudo_huber (got {self.loss})")
+        if not 0 <= self.caption_dropout < 1:
+            raise UserError(f"--caption_dropout must be in [0, 1) (got {self.caption_dropout})")
+
+
+@dataclass
+class LcmArguments(TrainingArguments):
+    """Stage `lcm`: LCM-LoRA distillation of the align model (METHOD.md §5)."""
+
+    huber_c: float = field(default=0.001, metadata={"help": "pseudo-Huber c of the consistency loss"})
+    teacher_guidance_scale: float = field(default=7.5, metadata={"help": "teacher CFG scale (LCM form)"})
+    num_ddim_timesteps: int = field(default=50, metadata={"help": "DDIM solver steps over the 1000 training timesteps"})
+
+
+@dataclass
+class RewardArguments(TrainingArguments):
+    """Stages `reward` / `reward_lcm`: decomposed preference optimisation (paper §4, METHOD.md §4-5)."""
+
+    train_batch_size: int = field(default=8, metadata={"help": "batch size per process"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step (reward_lcm: 2)"})
+    num_train_epochs: int = field(default=1, metadata={"help": "epochs, unless --max_train_steps is given"})
+    rollout: str = field(default="ddim_cfg", metadata={"help": "ddim_cfg (stage reward) or lcm (stage reward_lcm)"})
+    reward_model: str = field(default="denscore", metadata={"help": "preference model: name, hub id or local folder"})
+    reward_weight: str = field(
+        default="0.3",
+        metadata={"help": "w, the weight of the text-irrelevant part, in [0, 1]; 1 = plain score; 'auto' = 0.4 sqrt(1-eta^2)/eta"},
+    )
+    direction: str = field(default="batch", metadata={"help": "common direction V: batch (released), ema or file"})
+    direction_file: str | None = field(default=None, metadata={"help": "safetensors file with V (for --direction file)"})
+    score_mode: str = field(default="segment", metadata={"help": "segment (average over sentences) or single (first 77 tokens)"})
+    guidance_scale: float = field(default=7.5, metadata={"help": "CFG scale of the ddim_cfg rollout"})

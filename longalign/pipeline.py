@@ -1,0 +1,191 @@
+"""Long-prompt generation on a stock diffusers `StableDiffusionPipeline` (METHOD.md §5, sampling).
+
+The long-prompt context from `LongPromptEncoder` goes in through `prompt_embeds` /
+`negative_prompt_embeds`, so everything else — schedulers, CFG, VAE decoding, LoRA loading — is
+diffusers' own. This is the one generation path: `sample.py` and training validation use it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from diffusers import LCMScheduler, StableDiffusionPipeline, UniPCMultistepScheduler
+
+from .loading import UserError, load_pretrained, local_path
+from .text_encoding import SD15, T5_LARGE, LongPromptEncoder, PromptReport
+
+LONGSD = "luping-liu/LongSD"
+LONGSD_ADAPTER = f"{LONGSD}/s28750_adapter"
+LONGSD_LORAS = (f"{LONGSD}/s28750_lora_vis.pt", f"{LONGSD}/sd15-reward-3750.pt")
+
+
+class ReleasedLCMScheduler(LCMScheduler):
+    """LCMScheduler whose boundary scalings are forced to (c_skip, c_out) = (0, 1).
+
+    The released LongSD LCM sampler does this: each step's denoised sample is the model's x0
+    prediction itself. Everything else (timesteps, re-noising) is diffusers' LCMScheduler.
+    """
+
+    def get_scalings_for_boundary_condition_discrete(self, timestep):
+        return 0.0, 1.0
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """A sampler and its defaults: scheduler class, steps, guidance scale."""
+
+    scheduler: type
+    steps: int
+    guidance_scale: float
+
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "unipc": SamplerSpec(UniPCMultistepScheduler, 25, 7.5),
+    "lcm": SamplerSpec(ReleasedLCMScheduler, 4, 0.0),
+    "lcm_standard": SamplerSpec(LCMScheduler, 4, 0.0),
+}
+
+
+def get_sampler(name: str) -> SamplerSpec:
+    """Look up a sampler; unknown names raise a `UserError` listing the choices."""
+    if name not in SAMPLERS:
+        raise UserError(f"unknown sampler '{name}'; choose one of: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+def validate_generation(steps: int, height: int, width: int) -> None:
+    """Refuse settings diffusers would fail on deep inside: no steps, sizes not multiples of 8."""
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1 (got {steps})")
+    if height % 8 or width % 8 or min(height, width) < 8:
+        raise UserError(f"--height and --width must be positive multiples of 8 (got {height}x{width})")
+
+
+def stage_adapter(adapter: str | None, init_from: Sequence[str]) -> str:
+    """The adapter to use: `adapter` if given, else the `adapter/` of the last stage folder that has one.
+
+    Stage outputs (`runs/align-x/final`) carry the adapter the align stage trained, so naming
+    them is enough; anything else must name `--adapter` explicitly (never a silent fallback).
+    """
+    if adapter is not None:
+        return adapter
+    for source in reversed(list(init_from)):
+        if os.path.isdir(os.path.join(source, "adapter")):
+            return os.path.join(source, "adapter")
+    raise UserError(
+        "no adapter: none of the --init_from folders has an adapter/ folder; pass --adapter "
+        f"(e.g. {LONGSD_ADAPTER} or runs/align-NAME/final/adapter)"
+    )
+
+
+class LongPromptPipeline:
+    """A `StableDiffusionPipeline` driven by long-prompt contexts.
+
+    `__call__(prompts, ...)` encodes prompts (B) and the negative prompt with the
+    `LongPromptEncoder` into (B, L, D) contexts and runs the diffusers pipeline on them.
+    """
+
+    def __init__(self, pipe: StableDiffusionPipeline, encoder: LongPromptEncoder):
+        self.pipe = pipe
+        self.encoder = encoder
+
+    @classmethod
+    def from_components(cls, vae, unet, scheduler, encoder: LongPromptEncoder) -> "LongPromptPipeline":
+        """Wrap in-memory parts (e.g. the UNet being trained) without copying them."""
+        clip = encoder.clip
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=clip.text_encoder if clip is not None else None,
+            tokenizer=clip.tokenizer if clip is not None else None,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        return cls(pipe, encoder)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model: str = SD15,
+        t5_model: str = T5_LARGE,
+        adapter: str | None = None,
+        init_from: Sequence[str] = (),
+        mode: str = "clip+t5",
+        segmenter: str = "sentences",
+        token_length: int = 240,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> "LongPromptPipeline":
+        """SD1.5 + T5 + adapter, with the stage LoRAs in `init_from` fused into the UNet in order.
+
+        Every source is a hub id/path or a local folder/file; released `.pt` LoRAs are converted.
+        """
+        from .lora import fuse_stage_loras
+
+        loras = [local_path(source, "LoRA") for source in init_from]
+        if mode != "clip":
+            adapter = local_path(stage_adapter(adapter, loras), "adapter")
+        encoder = LongPromptEncoder.from_pretrained(
+            pretrained_model, t5_model, adapter, mode, token_length, segmenter, device=device, dtype=dtype
+        )
+        shared = {"text_encoder": encoder.clip.text_encoder, "tokenizer": encoder.clip.tokenizer} if encoder.clip else {}
+        pipe = load_pretrained(
+            StableDiffusionPipeline,
+            pretrained_model,
+            "Stable Diffusion pipeline",
+            torch_dtype=dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+            **shared,
+        )
+        fuse_stage_loras(pipe.unet, loras)
+        pipe.to(device)
+        return cls(pipe, encoder)
+
+    def set_sampler(self, name: str) -> SamplerSpec:
+        """Switch the pipeline's scheduler to sampler `name` (same noise schedule)."""
+        spec = get_sampler(name)
+        self.pipe.scheduler = spec.scheduler.from_config(self.pipe.scheduler.config)
+        return spec
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list[PromptReport]]:
+        """Prompts -> (context (B, L, D) in the UNet's dtype, reports)."""
+        context, reports = self.encoder(list(prompts))
+        return context.to(self.pipe.unet.dtype), reports
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        negative_prompt: str = "",
+        steps: int = 25,
+        guidance_scale: float = 7.5,
+        height: int = 512,
+        width: int = 512,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        show_progress: bool = True,
+    ) -> tuple[list, list[PromptReport]]:
+        """Generate one image per prompt. Returns (PIL images, encoding reports)."""
+        validate_generation(steps, height, width)
+        context, reports = self.encode(prompts)
+        negative = None
+        if guidance_scale > 1:
+            negative, _ = self.encode([negative_prompt])
+            negative = negative.expand(len(prompts), -1, -1)
+        self.pipe.set_progress_bar_config(disable=not show_progress, leave=False)
+        images = self.pipe(
+            prompt_embeds=context,
+            negative_prompt_embeds=negative,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            generator=generator,
+        ).images
+        return images, reports

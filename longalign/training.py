@@ -1,0 +1,496 @@
+"""The one training loop every stage shares (DESIGN.md; METHOD.md §5 "Common").
+
+A stage script loads its parts with `load_stage_parts`, says which modules train and defines its
+loss; `run_training` does the rest: accelerator and mixed precision (frozen weights in bf16/fp16,
+trainable ones in fp32), AdamW with constant-after-warmup LR, gradient accumulation and clipping,
+a rank-sharded resumable data order, checkpoints that a crash mid-save cannot corrupt, exact
+resume, non-finite loss handling, logging, validation images and the `final/` outputs.
+
+Randomness: every micro-step draws from a generator seeded by (seed, micro-step, rank), and the
+global torch RNG (LoRA dropout) is re-seeded the same way, so a resumed run repeats exactly what
+an uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser
+
+from .config import ModelArguments, TrainingArguments
+from .data import BadRowMonitor, ResumableSampler, make_dataloader
+from .loading import UserError, load_pretrained, local_path
+from .lora import LoraSettings, add_lora, fuse_stage_loras, save_lora
+from .pipeline import LongPromptPipeline, get_sampler, stage_adapter
+from .text_encoding import LongPromptEncoder
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STATE_FILE = "training_state.json"
+
+
+# ----------------------------------------------------------------------------- arguments
+def parse_stage_arguments(stage_class: type, argv: list[str] | None = None) -> tuple[ModelArguments, Any]:
+    """Parse `--flags` into (ModelArguments, the stage's TrainingArguments subclass)."""
+    parser = HfArgumentParser((ModelArguments, stage_class))
+    model_args, args = parser.parse_args_into_dataclasses(argv)
+    return model_args, args
+
+
+def make_accelerator(args: TrainingArguments) -> Accelerator:
+    """Accelerator with the run's precision, accumulation and trackers (logs in OUTPUT_DIR/logs)."""
+    config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs"))
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=config,
+        cpu=args.cpu,
+    )
+
+
+# --------------------------------------------------------------------------------- parts
+@dataclass
+class StageParts:
+    """The models a stage works with. Trainable ones are swapped for their prepared wrappers."""
+
+    unet: nn.Module
+    vae: AutoencoderKL
+    encoder: LongPromptEncoder
+    noise_scheduler: DDPMScheduler
+    weight_dtype: torch.dtype
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_stage_parts(model_args: ModelArguments, args: TrainingArguments, accelerator: Accelerator, lora_name: str) -> StageParts:
+    """SD1.5 parts with the earlier stages' LoRAs (`--init_from`) fused, and a new LoRA `lora_name`.
+
+    Frozen weights are cast to the mixed-precision dtype; the new LoRA stays in fp32. The adapter
+    comes from `--adapter` or the `adapter/` of the last `--init_from` stage folder.
+    """
+    weight_dtype = DTYPES[args.mixed_precision]
+    device = accelerator.device
+    init_from = [local_path(source, "LoRA") for source in model_args.init_from]
+    adapter = None
+    if model_args.encoder_mode != "clip":
+        adapter = local_path(stage_adapter(model_args.adapter, init_from), "adapter")
+    unet = load_pretrained(UNet2DConditionModel, model_args.pretrained_model, "UNet", subfolder="unet")
+    fuse_stage_loras(unet, init_from)
+    vae = load_pretrained(AutoencoderKL, model_args.pretrained_model, "VAE", subfolder="vae")
+    noise_scheduler = load_pretrained(DDPMScheduler, model_args.pretrained_model, "noise scheduler", subfolder="scheduler")
+    encoder = LongPromptEncoder.from_pretrained(
+        model_args.pretrained_model,
+        model_args.t5_model,
+        adapter,
+        model_args.encoder_mode,
+        model_args.token_length,
+        model_args.segmenter,
+        device=device,
+        dtype=weight_dtype,
+    )
+    for module in (unet, vae, encoder):
+        module.requires_grad_(False)
+    unet.to(device, weight_dtype)
+    vae.to(device, weight_dtype)
+    set_seed(args.seed)  # the new LoRA's initialisation
+    add_lora(unet, lora_name, LoraSettings(rank=args.lora_rank, dropout=args.lora_dropout))
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return StageParts(unet, vae, encoder, noise_scheduler, weight_dtype)
+
+
+def encode_images(vae: AutoencoderKL, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8), sampled with `generator`."""
+    with torch.no_grad():
+        distribution = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist
+        latents = distribution.mean + distribution.std * randn_like(distribution.mean, generator)
+    return latents * vae.config.scaling_factor
+
+
+def randn_like(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Standard normal noise shaped like `tensor`, drawn on the generator's device then moved."""
+    noise = torch.randn(tensor.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    return noise.to(tensor.device, tensor.dtype)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def checkpoint_dirs(output_dir: str) -> list[Path]:
+    """Complete checkpoints (`checkpoints/step_N` holding the state file), oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [d for d in root.iterdir() if d.name.startswith("step_") and (d / STATE_FILE).exists()]
+    return sorted(found, key=lambda d: int(d.name.split("_")[1]))
+
+
+def prepare_output_dir(args: TrainingArguments, accelerator: Accelerator) -> Path | None:
+    """Check the output folder against `--resume_from` / `--overwrite`; return the checkpoint to resume."""
+    out = Path(args.output_dir)
+    holds_run = (out / "config.json").exists() or (out / "checkpoints").exists() or (out / "final").exists()
+    if args.resume_from is None:
+        if holds_run and not args.overwrite:
+            raise UserError(
+                f"'{out}' holds another run; pass --resume_from latest to continue it or --overwrite to replace it"
+            )
+        if holds_run and accelerator.is_main_process:
+            for name in ("checkpoints", "final", "validation", "logs", "config.json"):
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        accelerator.wait_for_everyone()
+        return None
+    if args.resume_from in ("latest", "auto"):
+        found = checkpoint_dirs(args.output_dir)
+        if found:
+            return found[-1]
+        if args.resume_from == "auto":
+            return None
+        raise UserError(
+            f"--resume_from latest: no checkpoint in '{out / 'checkpoints'}'; drop the flag (or use "
+            "--resume_from auto) to start fresh"
+        )
+    path = Path(args.resume_from)
+    if not (path / STATE_FILE).exists():
+        raise UserError(f"--resume_from '{path}' is not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+def register_trainable_checkpointing(accelerator: Accelerator, models: list[nn.Module]) -> None:
+    """Make accelerate's checkpoints hold only the trainable tensors (LoRA, adapter), in safetensors.
+
+    The frozen base weights are reloaded from the model folders, so a checkpoint stays small.
+    """
+
+    def save_hook(prepared: list[nn.Module], weights: list, output_dir: str) -> None:
+        for index, model in enumerate(prepared):
+            state = {n: p.detach().cpu().contiguous() for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+            save_file(state, os.path.join(output_dir, f"trainable_{index}.safetensors"))
+        weights.clear()
+
+    def load_hook(prepared: list[nn.Module], input_dir: str) -> None:
+        for index in range(len(prepared)):
+            model = accelerator.unwrap_model(prepared.pop(0))
+            state = load_file(os.path.join(input_dir, f"trainable_{index}.safetensors"))
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            if set(state) != trainable:
+                raise UserError(f"checkpoint '{input_dir}' does not match this run's trainable parameters (model {index})")
+            missing = model.load_state_dict(state, strict=False).unexpected_keys
+            if missing:
+                raise UserError(f"checkpoint '{input_dir}' has unexpected keys: {missing[:3]}")
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator: Accelerator, args: TrainingArguments, step: int, state: dict[str, Any]) -> None:
+    """Write `checkpoints/step_N` atomically: save into a temporary folder, then rename it.
+
+    A crash mid-save leaves only the temporary folder, which `checkpoint_dirs` ignores, so the
+    previous checkpoint stays the latest usable one. Old checkpoints beyond the limit are pruned.
+    """
+    root = Path(args.output_dir) / "checkpoints"
+    final = root / f"step_{step:07d}"
+    temporary = root / f".tmp_step_{step:07d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(temporary))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (temporary / STATE_FILE).write_text(json.dumps(state, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+        complete = checkpoint_dirs(args.output_dir)
+        if args.checkpoints_total_limit is not None:
+            for old in complete[: max(len(complete) - args.checkpoints_total_limit, 0)]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+# ------------------------------------------------------------------------------ validation
+@dataclass
+class ValidationSettings:
+    """How a stage's validation images are drawn: sampler, steps and guidance (paper's sampling)."""
+
+    sampler: str = "unipc"
+    steps: int | None = None
+    guidance_scale: float | None = None
+
+
+def validate(accelerator: Accelerator, args: TrainingArguments, parts: StageParts, settings: ValidationSettings, step: int) -> Path | None:
+    """Generate the fixed held-out prompts with fixed seeds; save a grid PNG and log it."""
+    if not accelerator.is_main_process or not args.validation_prompts:
+        return None
+    from diffusers.utils import make_image_grid
+
+    unet = accelerator.unwrap_model(parts.unet)
+    adapter = parts.encoder.adapter
+    if adapter is not None:
+        parts.encoder.adapter = accelerator.unwrap_model(adapter)
+    was_training = unet.training
+    unet.eval()
+    spec = get_sampler(settings.sampler)
+    pipeline = LongPromptPipeline.from_components(parts.vae, unet, parts.noise_scheduler, parts.encoder)
+    pipeline.set_sampler(settings.sampler)
+    images = []
+    with accelerator.autocast():
+        for index, prompt in enumerate(args.validation_prompts):
+            generator = torch.Generator().manual_seed(args.seed + index)
+            (image,), _ = pipeline(
+                [prompt],
+                steps=settings.steps or spec.steps,
+                guidance_scale=spec.guidance_scale if settings.guidance_scale is None else settings.guidance_scale,
+                height=args.resolution,
+                width=args.resolution,
+                generator=generator,
+                show_progress=False,
+            )
+            images.append(image)
+    parts.encoder.adapter = adapter
+    unet.train(was_training)
+    grid = make_image_grid(images, rows=1, cols=len(images))
+    path = Path(args.output_dir) / "validation" / f"step_{step:07d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    log_images(accelerator, grid, step)
+    return path
+
+
+def log_images(accelerator: Accelerator, grid, step: int) -> None:
+    """Send the validation grid to the active tracker (tensorboard or wandb)."""
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": wandb.Image(grid)}, step=step)
+
+
+# ------------------------------------------------------------------------------ final output
+def write_final(
+    accelerator: Accelerator,
+    args: TrainingArguments,
+    model_args: ModelArguments,
+    parts: StageParts,
+    stage: str,
+    lora_name: str,
+    step: int,
+) -> Path:
+    """`final/`: diffusers-format LoRA, `adapter/` when trained, `config.json` and a model card."""
+    final = Path(args.output_dir) / "final"
+    if accelerator.is_main_process:
+        final.mkdir(parents=True, exist_ok=True)
+        save_lora(accelerator.unwrap_model(parts.unet), final, lora_name)
+        adapter = parts.encoder.adapter
+        if adapter is not None and any(p.requires_grad for p in adapter.parameters()):
+            accelerator.unwrap_model(adapter).save_pretrained(final / "adapter")
+        config = resolved_config(stage, model_args, args, accelerator)
+        (final / "config.json").write_text(json.dumps(config, indent=2))
+        (final / "README.md").write_text(model_card(stage, model_args, args, step))
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolved_config(stage: str, model_args: ModelArguments, args: TrainingArguments, accelerator: Accelerator) -> dict:
+    """Everything this run was configured with, as JSON."""
+    return {
+        "stage": stage,
+        "model": asdict(model_args),
+        "training": asdict(args),
+        "num_processes": accelerator.num_processes,
+    }
+
+
+def model_card(stage: str, model_args: ModelArguments, args: TrainingArguments, step: int) -> str:
+    """A short README for `final/`: what it is, what it was trained on, how to load it."""
+    init = " ".join(model_args.init_from) or "(none)"
+    return (
+        f"# LongAlign stage `{stage}`\n\n"
+        f"UNet LoRA (rank {args.lora_rank}, scale 1) for Stable Diffusion 1.5 with long-prompt conditioning "
+        f"({model_args.encoder_mode}, token_length {model_args.token_length}), trained for {step} optimizer steps "
+        f"on `{args.dataset}`.\n\n"
+        f"- base: `{model_args.pretrained_model}`, T5: `{model_args.t5_model}`\n"
+        f"- earlier stages fused before training: {init}\n"
+        f"- files: `pytorch_lora_weights.safetensors` (diffusers format), `adapter/` when this stage trained it, "
+        f"`config.json` (the resolved configuration)\n\n"
+        "Sample with it:\n\n"
+        f"```bash\npython sample.py --init_from {' '.join(model_args.init_from + [str(Path(args.output_dir) / 'final')])} "
+        f"--prompt \"...\"\n```\n"
+    )
+
+
+# ---------------------------------------------------------------------------------- the loop
+LossFn = Callable[[StageParts, dict, torch.Generator], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+def step_seed(seed: int, micro_step: int, rank: int) -> int:
+    """The seed of one micro-step on one rank (noise, timesteps, dropout): a pure function."""
+    return (seed * 1_000_003 + micro_step * 1_009 + rank) % (2**63 - 1)
+
+
+def _jsonable(value: Any) -> Any:
+    """Tensors -> nested lists, so small states (an EMA direction) fit the JSON state file."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {key: _jsonable(item) for key, item in value.items()}
+    return value
+
+
+def _set_path(root: Any, path: str, value: Any) -> None:
+    *parents, name = path.split(".")
+    for parent in parents:
+        root = getattr(root, parent)
+    setattr(root, name, value)
+
+
+def run_training(
+    stage: str,
+    model_args: ModelArguments,
+    args: TrainingArguments,
+    accelerator: Accelerator,
+    parts: StageParts,
+    trainable: dict[str, nn.Module],
+    loss_fn: LossFn,
+    dataset,
+    lora_name: str,
+    validation: ValidationSettings,
+    stateful: dict[str, Any] | None = None,
+) -> Path:
+    """Train `trainable` (attribute paths of `parts` -> module) with `loss_fn` on `dataset`.
+
+    `loss_fn(parts, batch, generator) -> (loss, logs)` sees the prepared (DDP-wrapped) modules.
+    `stateful` objects (`state_dict`/`load_state_dict`, e.g. an EMA common direction) are saved
+    in every checkpoint as JSON. Returns the `final/` folder.
+    """
+    stateful = stateful or {}
+    resume = prepare_output_dir(args, accelerator)
+    modules = list(trainable.values())
+    for module in modules:
+        for parameter in module.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+    params = [p for module in modules for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        "constant_with_warmup", optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes
+    )
+    prepared = accelerator.prepare(*modules, optimizer, lr_scheduler)
+    prepared_modules, optimizer, lr_scheduler = prepared[: len(modules)], prepared[-2], prepared[-1]
+    for path, module in zip(trainable, prepared_modules):
+        _set_path(parts, path, module)
+    register_trainable_checkpointing(accelerator, list(prepared_modules))
+
+    sampler = ResumableSampler(len(dataset), args.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    loader = make_dataloader(dataset, sampler, args.train_batch_size, args.dataloader_num_workers)
+    monitor = BadRowMonitor.from_settings(args, rows_per_epoch=sampler.num_samples)
+    steps_per_epoch = math.ceil(sampler.num_samples / args.train_batch_size / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+
+    state = {"global_step": 0, "micro_step": 0, "nonfinite_in_a_row": 0}
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        saved = json.loads((resume / STATE_FILE).read_text())
+        sampler.load_state_dict(saved["sampler"])
+        monitor.load_state_dict(saved["bad_rows"])
+        state.update({k: saved[k] for k in state})
+        for name, obj in stateful.items():
+            obj.load_state_dict(saved["stateful"][name])
+        logger.info("resumed from %s at step %d", resume, state["global_step"])
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        config = resolved_config(stage, model_args, args, accelerator)
+        (Path(args.output_dir) / "config.json").write_text(json.dumps(config, indent=2))
+        accelerator.init_trackers(f"longalign-{stage}", config={k: str(v) for k, v in asdict(args).items()})
+
+    progress = tqdm(total=max_steps, initial=state["global_step"], desc=stage, disable=not accelerator.is_local_main_process)
+    running: dict[str, float] = {}
+    micro_in_step = 0
+    while state["global_step"] < max_steps:
+        for batch in loader:
+            monitor.update(batch)
+            sampler.advance(batch["num_rows"])
+            seed = step_seed(args.seed, state["micro_step"], accelerator.process_index)
+            torch.manual_seed(seed)  # LoRA / adapter dropout
+            generator = torch.Generator().manual_seed(seed)
+            with accelerator.accumulate(*prepared_modules):
+                if batch["caption"]:
+                    loss, logs = loss_fn(parts, batch, generator)
+                else:  # every row of this batch was bad: a zero loss keeps the ranks in step
+                    loss, logs = sum(p.sum() * 0.0 for p in params), {}
+                finite = bool(accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min().item())
+                if finite:
+                    accelerator.backward(loss)
+                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm) if accelerator.sync_gradients else None
+                    optimizer.step()
+                    lr_scheduler.step()
+                else:
+                    grad_norm = None
+                optimizer.zero_grad(set_to_none=True)
+            state["micro_step"] += 1
+            micro_in_step += 1
+            if finite:
+                state["nonfinite_in_a_row"] = 0
+                for key, value in {"loss": loss.detach().float().item(), **logs}.items():
+                    running[key] = running.get(key, 0.0) + float(value)
+            else:
+                state["nonfinite_in_a_row"] += 1
+                logger.warning("non-finite loss at micro-step %d: skipped", state["micro_step"])
+                if state["nonfinite_in_a_row"] >= args.max_nonfinite_steps:
+                    raise UserError(
+                        f"{state['nonfinite_in_a_row']} non-finite losses in a row; lower --learning_rate or use "
+                        "--mixed_precision bf16/no"
+                    )
+            if not accelerator.sync_gradients:
+                continue
+            state["global_step"] += 1
+            step = state["global_step"]
+            logged = {key: value / micro_in_step for key, value in running.items()}
+            logged["lr"] = lr_scheduler.get_last_lr()[0]
+            if grad_norm is not None:
+                logged["grad_norm"] = float(grad_norm)
+            running, micro_in_step = {}, 0
+            accelerator.log(logged, step=step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{logged.get('loss', float('nan')):.4f}")
+            if step % args.checkpointing_steps == 0 or step == max_steps:
+                full_state = {
+                    **state,
+                    "sampler": sampler.state_dict(),
+                    "bad_rows": monitor.state_dict(),
+                    "stateful": {name: _jsonable(obj.state_dict()) for name, obj in stateful.items()},
+                }
+                save_checkpoint(accelerator, args, step, full_state)
+            if args.validation_steps and step % args.validation_steps == 0 and step != max_steps:
+                validate(accelerator, args, parts, validation, step)
+            if step >= max_steps:
+                break
+        else:
+            sampler.next_epoch()
+    progress.close()
+    final = write_final(accelerator, args, model_args, parts, stage, lora_name, state["global_step"])
+    validate(accelerator, args, parts, validation, state["global_step"])
+    accelerator.end_training()
+    return final

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Launch one LongAlign training stage through accelerate, on every visible GPU.
+#
+#   bash run_unet.sh {align|lcm|reward|reward_lcm} RUN_NAME [--flags passed to the stage script]
+#
+# Outputs go to runs/STAGE-RUN_NAME; later stages read the earlier ones by explicit path
+# (lcm and reward: runs/align-NAME/final; reward_lcm: runs/align-NAME/final runs/lcm-NAME/final).
+# Flags after RUN_NAME override these defaults (e.g. --output_dir, --init_from, --text_irrelevant_weight 0.1).
+# Launcher settings (not hyper-parameters): NUM_GPUS=N to use N processes instead of all visible
+# GPUs; ACCELERATE_CONFIG=FILE to launch with your own accelerate config file; PYTHON to pick the
+# interpreter. This script only launches: it kills nothing and logs in nowhere.
+set -euo pipefail
+
+usage() {
+  echo "usage: bash run_unet.sh {align|lcm|reward|reward_lcm} RUN_NAME [--flags]" >&2
+  exit 2
+}
+[ $# -ge 2 ] || usage
+stage=$1
+name=$2
+shift 2
+[ -n "$name" ] && [[ $name != -* ]] || usage
+
+case "$stage" in
+  align)      script=train_align.py;  chain=() ;;
+  lcm)        script=train_lcm.py;    chain=(--init_from "runs/align-$name/final") ;;
+  reward)     script=train_reward.py; chain=(--init_from "runs/align-$name/final" --rollout ddim_cfg) ;;
+  reward_lcm) script=train_reward.py; chain=(--init_from "runs/align-$name/final" "runs/lcm-$name/final"
+                                             --rollout lcm --gradient_accumulation_steps 2) ;;
+  *) echo "unknown stage '$stage'" >&2; usage ;;
+esac
+
+here=$(cd "$(dirname "$0")" && pwd)
+python=${PYTHON:-python}
+launch=("$python" -m accelerate.commands.launch)
+if [ -n "${ACCELERATE_CONFIG:-}" ]; then
+  launch+=(--config_file "$ACCELERATE_CONFIG")
+else
+  gpus=${NUM_GPUS:-$("$python" -c "import torch; print(torch.cuda.device_count())")}
+  if [ "$gpus" -gt 1 ]; then
+    launch+=(--multi_gpu --num_processes "$gpus")
+  else
+    launch+=(--num_processes 1)
+  fi
+  launch+=(--num_machines 1 --dynamo_backend no --mixed_precision no)
+fi
+
+exec "${launch[@]}" "$here/$script" --output_dir "runs/$stage-$name" "${chain[@]}" "$@"

@@ -1,0 +1,73 @@
+"""Stage `align`: teach SD1.5 long prompts (paper §3; METHOD.md §5).
+
+Trains a UNet LoRA and the T5 adapter with the standard noise-prediction loss, conditioning the
+UNet on the segment-level CLIP + adapter(T5) context of each (long) caption. Captions are
+dropped to "" with probability 0.1 so the model keeps an unconditional mode for CFG.
+
+    bash run_unet.sh align NAME        # or: accelerate launch train_align.py --output_dir runs/align-NAME ...
+"""
+
+from __future__ import annotations
+
+import torch
+
+from longalign.config import AlignArguments
+from longalign.data import build_train_dataset
+from longalign.diffusion import mse, pseudo_huber, sample_timesteps
+from longalign.loading import cli_entry
+from longalign.training import (
+    StageParts,
+    ValidationSettings,
+    encode_images,
+    load_stage_parts,
+    make_accelerator,
+    parse_stage_arguments,
+    randn_like,
+    run_training,
+)
+
+STAGE = "align"
+
+
+def align_loss(parts: StageParts, batch: dict, generator: torch.Generator, args: AlignArguments):
+    """MSE (or pseudo-Huber) between the UNet's prediction and the noise (or v) target.
+
+    pixel_values (B, 3, R, R) -> latents (B, 4, R/8, R/8); context (B, 480, 768) from the
+    captions after caption dropout; timesteps uniform in [0, 1000).
+    """
+    latents = encode_images(parts.vae, batch["pixel_values"], generator)
+    batch_size = latents.shape[0]
+    keep = torch.rand(batch_size, generator=generator) >= args.caption_dropout
+    captions = [caption if kept else "" for caption, kept in zip(batch["caption"], keep.tolist())]
+    context = parts.encoder.context(parts.encoder.encode_frozen(captions))  # adapter trains
+
+    noise = randn_like(latents, generator)
+    scheduler = parts.noise_scheduler
+    timesteps = sample_timesteps(batch_size, generator, 0, scheduler.config.num_train_timesteps).to(latents.device)
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)
+    prediction = parts.unet(noisy_latents, timesteps, encoder_hidden_states=context.to(latents.dtype)).sample
+    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    loss = mse(prediction, target) if args.loss == "mse" else pseudo_huber(prediction, target, args.huber_c)
+    return loss, {"caption_dropped": 1.0 - keep.float().mean().item()}
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    model_args, args = parse_stage_arguments(AlignArguments, argv)
+    accelerator = make_accelerator(args)
+    parts = load_stage_parts(model_args, args, accelerator, lora_name=STAGE)
+    trainable = {"unet": parts.unet}
+    if args.train_adapter and parts.encoder.adapter is not None:
+        parts.encoder.adapter.requires_grad_(True).train()
+        trainable["encoder.adapter"] = parts.encoder.adapter
+    run_training(
+        STAGE, model_args, args, accelerator, parts, trainable,
+        loss_fn=lambda parts, batch, generator: align_loss(parts, batch, generator, args),
+        dataset=build_train_dataset(args),
+        lora_name=STAGE,
+        validation=ValidationSettings(sampler="unipc"),
+    )
+
+
+if __name__ == "__main__":
+    main()
