@@ -32,17 +32,18 @@ esac
 
 here=$(cd "$(dirname "$0")" && pwd)
 python=${PYTHON:-python}
-launch=("$python" -m accelerate.commands.launch)
 if [ -n "${ACCELERATE_CONFIG:-}" ]; then
-  launch+=(--config_file "$ACCELERATE_CONFIG")
+  launch=("$python" -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG")
 else
   gpus=${NUM_GPUS:-$("$python" -c "import torch; print(torch.cuda.device_count())")}
   if [ "$gpus" -gt 1 ]; then
-    launch+=(--multi_gpu --num_processes "$gpus")
+    launch=("$python" -m accelerate.commands.launch --multi_gpu --num_processes "$gpus" --num_machines 1
+            --dynamo_backend no --mixed_precision no)
   else
-    launch+=(--num_processes 1)
+    # One process: run the script directly. That is what `accelerate launch` does for one
+    # process, and it keeps the script's own exit code (2 for a user error) and one-line errors.
+    launch=("$python")
   fi
-  launch+=(--num_machines 1 --dynamo_backend no --mixed_precision no)
 fi
 
 exec "${launch[@]}" "$here/$script" --output_dir "runs/$stage-$name" "${chain[@]}" "$@"

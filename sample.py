@@ -105,12 +105,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     pipeline.set_sampler(args.sampler)
     os.makedirs(args.out, exist_ok=True)
-    checkpoints = {
-        "pretrained_model": model_args.pretrained_model,
-        "t5_model": model_args.t5_model,
-        "adapter": model_args.adapter,
-        "init_from": model_args.init_from,
-    }
     jobs = [(p, prompt, k) for p, prompt in enumerate(prompts) for k in range(args.num_images)]
     for prompt_index, prompt, k in tqdm(jobs, desc="images", disable=len(jobs) == 1):
         seed = args.seed + k
@@ -130,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
             "height": args.height,
             "width": args.width,
             "dtype": str(dtype).replace("torch.", ""),
-            "checkpoints": checkpoints,
+            "checkpoints": pipeline.checkpoints,
             "encoder": {"mode": model_args.encoder_mode, "segmenter": model_args.segmenter, "token_length": model_args.token_length},
             "encoding_report": report.to_dict(),
         }

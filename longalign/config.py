@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from .data import DataSettings
 from .loading import UserError
+from .reward import RewardConfig
 from .text_encoding import SD15, T5_LARGE
 
 
@@ -132,19 +133,15 @@ class LcmArguments(TrainingArguments):
 
 
 @dataclass
-class RewardArguments(TrainingArguments):
-    """Stages `reward` / `reward_lcm`: decomposed preference optimisation (paper §4, METHOD.md §4-5)."""
+class RewardArguments(TrainingArguments, RewardConfig):
+    """Stages `reward` / `reward_lcm`: decomposed preference optimisation (paper §4, METHOD.md §4-5).
+
+    The reward's own options (`--reward_model`, `--text_irrelevant_weight` w = 0.3, `--common_direction`,
+    ...) come from `RewardConfig`.
+    """
 
     train_batch_size: int = field(default=8, metadata={"help": "batch size per process"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step (reward_lcm: 2)"})
     num_train_epochs: int = field(default=1, metadata={"help": "epochs, unless --max_train_steps is given"})
     rollout: str = field(default="ddim_cfg", metadata={"help": "ddim_cfg (stage reward) or lcm (stage reward_lcm)"})
-    reward_model: str = field(default="denscore", metadata={"help": "preference model: name, hub id or local folder"})
-    reward_weight: str = field(
-        default="0.3",
-        metadata={"help": "w, the weight of the text-irrelevant part, in [0, 1]; 1 = plain score; 'auto' = 0.4 sqrt(1-eta^2)/eta"},
-    )
-    direction: str = field(default="batch", metadata={"help": "common direction V: batch (released), ema or file"})
-    direction_file: str | None = field(default=None, metadata={"help": "safetensors file with V (for --direction file)"})
-    score_mode: str = field(default="segment", metadata={"help": "segment (average over sentences) or single (first 77 tokens)"})
     guidance_scale: float = field(default=7.5, metadata={"help": "CFG scale of the ddim_cfg rollout"})

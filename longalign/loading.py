@@ -52,8 +52,8 @@ def resolve_source(name: str, what: str) -> str:
 def _hub_hint(name: str, what: str, error: BaseException) -> UserError:
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return UserError(
-        f"could not load {what} from '{name}' ({reason[:200]}); with no hub access, download it "
-        f"elsewhere and pass the local folder instead"
+        f"could not load {what} '{name}': no such local path, and fetching it from the hub failed "
+        f"({reason[:160]}); check the path, or download it elsewhere and pass the local folder"
     )
 
 

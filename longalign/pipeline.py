@@ -88,9 +88,10 @@ class LongPromptPipeline:
     `LongPromptEncoder` into (B, L, D) contexts and runs the diffusers pipeline on them.
     """
 
-    def __init__(self, pipe: StableDiffusionPipeline, encoder: LongPromptEncoder):
+    def __init__(self, pipe: StableDiffusionPipeline, encoder: LongPromptEncoder, checkpoints: dict | None = None):
         self.pipe = pipe
         self.encoder = encoder
+        self.checkpoints = checkpoints or {}  # what was loaded, for sidecars and model cards
 
     @classmethod
     def from_components(cls, vae, unet, scheduler, encoder: LongPromptEncoder) -> "LongPromptPipeline":
@@ -145,7 +146,8 @@ class LongPromptPipeline:
         )
         fuse_stage_loras(pipe.unet, loras)
         pipe.to(device)
-        return cls(pipe, encoder)
+        checkpoints = {"pretrained_model": pretrained_model, "t5_model": t5_model, "adapter": adapter, "init_from": list(init_from)}
+        return cls(pipe, encoder, checkpoints)
 
     def set_sampler(self, name: str) -> SamplerSpec:
         """Switch the pipeline's scheduler to sampler `name` (same noise schedule)."""

@@ -672,7 +672,7 @@ class CommonDirection:
 class RewardConfig:
     """Options of the decomposed preference reward (paper §4; METHOD.md §4, §5 reward stages)."""
 
-    preference_model: str = field(default="denscore", metadata={"help": "registry name, open_clip:MODEL[:CKPT] or a folder"})
+    reward_model: str = field(default="denscore", metadata={"help": "preference model: registry name, open_clip:MODEL[:CKPT] or a folder"})
     text_irrelevant_weight: str = field(
         default="0.3", metadata={"help": "w in [0, 1] or 'auto' (REWEIGHT in the released launcher)"}
     )
@@ -752,7 +752,7 @@ class DecomposedReward:
         self.direction = CommonDirection(
             config.common_direction, accelerator, config.common_direction_ema_decay, config.common_direction_file
         )
-        self.preference_model = preference_model or load_preference_model(config.preference_model, device, dtype, segmenter)
+        self.preference_model = preference_model or load_preference_model(config.reward_model, device, dtype, segmenter)
 
     def __call__(
         self, images: torch.Tensor, prompts: Sequence[str], generator: torch.Generator | None = None

@@ -338,6 +338,17 @@ def model_card(stage: str, model_args: ModelArguments, args: TrainingArguments, 
     )
 
 
+def check_ranks_agree(accelerator: Accelerator, params: list[torch.Tensor]) -> None:
+    """Fail loudly if the processes ended with different trainable weights (a broken DDP sync)."""
+    if accelerator.num_processes == 1:
+        return
+    fingerprint = torch.stack([p.detach().double().sum() for p in params]).to(accelerator.device)
+    gathered = accelerator.gather(fingerprint[None])  # (P, n_params)
+    if not torch.equal(gathered.min(0).values, gathered.max(0).values):
+        raise RuntimeError("the processes hold different trainable weights after training: DDP did not sync")
+    logger.info("all %d processes hold the same trainable weights", accelerator.num_processes)
+
+
 # ---------------------------------------------------------------------------------- the loop
 LossFn = Callable[[StageParts, dict, torch.Generator], "tuple[torch.Tensor, dict[str, float]]"]
 
@@ -490,6 +501,7 @@ def run_training(
         else:
             sampler.next_epoch()
     progress.close()
+    check_ranks_agree(accelerator, params)
     final = write_final(accelerator, args, model_args, parts, stage, lora_name, state["global_step"])
     validate(accelerator, args, parts, validation, state["global_step"])
     accelerator.end_training()

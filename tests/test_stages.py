@@ -1,0 +1,192 @@
+"""The four training stages end to end on tiny models: chain, resume, 2 processes, bad input (issue 5)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from longalign.data import write_tiny_dataset
+from longalign.training import checkpoint_dirs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args, cwd, env=None, check=True):
+    """Run a command; return the completed process (stdout+stderr in .stdout)."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable, **(env or {})}
+    result = subprocess.run(args, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args[:3]} failed ({result.returncode}):\n{result.stdout[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_tiny_dataset(tmp_path_factory.mktemp("data"), n=5, resolution=64)
+
+
+def common_flags(tiny_models, dataset, steps=2):
+    return [
+        "--pretrained_model", str(tiny_models["sd15"]), "--t5_model", str(tiny_models["t5"]),
+        "--dataset", str(dataset), "--resolution", "64", "--train_batch_size", "2",
+        "--max_train_steps", str(steps), "--mixed_precision", "no", "--dataloader_num_workers", "0",
+        "--lr_warmup_steps", "1", "--learning_rate", "1e-3",
+        "--validation_prompts", "A red circle. A blue square.", "--validation_steps", "0",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, tiny_models, dataset):
+    """align -> lcm -> reward -> reward_lcm through run_unet.sh, 2 optimizer steps each."""
+    cwd = tmp_path_factory.mktemp("chain")
+    flags = common_flags(tiny_models, dataset)
+    reward_flags = ["--reward_model", str(tiny_models["preference"]), "--train_batch_size", "2"]
+    outputs = {}
+    for stage, extra in [
+        ("align", ["--adapter", str(tiny_models["adapter"])]),
+        ("lcm", []),
+        ("reward", reward_flags),
+        ("reward_lcm", reward_flags),
+    ]:
+        outputs[stage] = run(["bash", str(ROOT / "run_unet.sh"), stage, "tiny", *flags, *extra], cwd).stdout
+    return cwd, outputs
+
+
+def test_chain_writes_final_artifacts(chain):
+    cwd, outputs = chain
+    for stage in ("align", "lcm", "reward", "reward_lcm"):
+        final = cwd / "runs" / f"{stage}-tiny" / "final"
+        assert (final / "pytorch_lora_weights.safetensors").exists(), stage
+        config = json.loads((final / "config.json").read_text())
+        assert config["stage"] == stage and config["training"]["max_train_steps"] == 2
+        assert (final / "README.md").read_text().startswith(f"# LongAlign stage `{stage}`")
+        assert (final / "adapter").is_dir() == (stage == "align")
+        assert (cwd / "runs" / f"{stage}-tiny" / "validation" / "step_0000002.png").exists()
+        assert [d.name for d in checkpoint_dirs(cwd / "runs" / f"{stage}-tiny")] == ["step_0000002"]
+    lcm_config = json.loads((cwd / "runs" / "lcm-tiny" / "final" / "config.json").read_text())
+    assert lcm_config["model"]["init_from"] == ["runs/align-tiny/final"]
+    reward_lcm = json.loads((cwd / "runs" / "reward_lcm-tiny" / "final" / "config.json").read_text())
+    assert reward_lcm["model"]["init_from"] == ["runs/align-tiny/final", "runs/lcm-tiny/final"]
+    assert reward_lcm["training"]["rollout"] == "lcm" and reward_lcm["training"]["gradient_accumulation_steps"] == 2
+
+
+def test_trained_adapter_differs_from_initial(chain, tiny_models):
+    cwd, _ = chain
+    trained = load_file(cwd / "runs" / "align-tiny" / "final" / "adapter" / "diffusion_pytorch_model.safetensors")
+    initial = load_file(tiny_models["adapter"] / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(trained[k], initial[k]) for k in initial)
+
+
+def test_stage_outputs_load_in_sample(chain, tiny_models):
+    cwd, _ = chain
+    runs = cwd / "runs"
+    out = cwd / "samples"
+    run(
+        [
+            sys.executable, str(ROOT / "sample.py"), "--pretrained_model", str(tiny_models["sd15"]),
+            "--t5_model", str(tiny_models["t5"]), "--init_from", str(runs / "align-tiny/final"),
+            str(runs / "lcm-tiny/final"), str(runs / "reward_lcm-tiny/final"), "--sampler", "lcm",
+            "--prompt", "A red circle on the left. A blue square on the right.", "--height", "64", "--width", "64",
+            "--out", str(out),
+        ],
+        cwd,
+    )  # fmt: skip
+    sidecar = json.loads((out / "0000_00.json").read_text())
+    assert sidecar["checkpoints"]["adapter"].endswith("align-tiny/final/adapter")
+    assert (out / "0000_00.png").exists()
+
+
+def test_reward_stage_logs_the_decomposed_scores(chain):
+    cwd, _ = chain
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logs = cwd / "runs" / "reward-tiny" / "logs"
+    tags = set()
+    for event_file in logs.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"loss", "lr", "grad_norm", "score", "score_text_relevant", "score_text_irrelevant", "eta"} <= tags
+
+
+def test_existing_run_is_refused_without_resume_or_overwrite(chain, tiny_models, dataset):
+    cwd, _ = chain
+    result = run(
+        ["bash", str(ROOT / "run_unet.sh"), "align", "tiny", *common_flags(tiny_models, dataset), "--adapter", str(tiny_models["adapter"])],
+        cwd,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "holds another run" in result.stdout and "Traceback" not in result.stdout
+
+
+def align_cmd(tiny_models, dataset, output_dir, steps, *extra):
+    return [
+        sys.executable, str(ROOT / "train_align.py"), *common_flags(tiny_models, dataset, steps),
+        "--adapter", str(tiny_models["adapter"]), "--output_dir", str(output_dir), "--checkpointing_steps", "2", *extra,
+    ]  # fmt: skip
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_models, dataset):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(align_cmd(tiny_models, dataset, straight, 4, "--gradient_accumulation_steps", "2"), tmp_path)
+    run(align_cmd(tiny_models, dataset, resumed, 2, "--gradient_accumulation_steps", "2"), tmp_path)
+    run(align_cmd(tiny_models, dataset, resumed, 4, "--gradient_accumulation_steps", "2", "--resume_from", "latest"), tmp_path)
+    for name in ("pytorch_lora_weights.safetensors", "adapter/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(straight / "final" / name), load_file(resumed / "final" / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}:{key}"
+    state = json.loads((resumed / "checkpoints" / "step_0000004" / "training_state.json").read_text())
+    assert state["global_step"] == 4 and state["micro_step"] == 8
+
+
+def test_resume_without_checkpoint_and_bad_init_from(tmp_path, tiny_models, dataset):
+    result = run(align_cmd(tiny_models, dataset, tmp_path / "fresh", 2, "--resume_from", "latest"), tmp_path, check=False)
+    assert result.returncode == 2 and "no checkpoint" in result.stdout and "Traceback" not in result.stdout
+    empty_stage = tmp_path / "empty_stage"
+    (empty_stage / "adapter").mkdir(parents=True)
+    result = run(align_cmd(tiny_models, dataset, tmp_path / "x", 2, "--init_from", str(empty_stage)), tmp_path, check=False)
+    assert result.returncode == 2 and "pytorch_lora_weights.safetensors" in result.stdout
+    assert "Traceback" not in result.stdout
+
+
+def test_too_many_bad_rows_stop_with_a_clear_message(tmp_path, tiny_models):
+    data = write_tiny_dataset(tmp_path / "bad", n=2, resolution=64, broken_image=True, missing_image=True)
+    result = run(align_cmd(tiny_models, data, tmp_path / "out", 2), tmp_path, check=False)
+    assert result.returncode == 2 and "rows" in result.stdout and "Traceback" not in result.stdout
+
+
+def test_interrupted_save_leaves_previous_checkpoint_latest(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        (root / f"step_{step:07d}").mkdir(parents=True)
+        (root / f"step_{step:07d}" / "training_state.json").write_text("{}")
+    (root / ".tmp_step_0000006").mkdir()  # a save that crashed half-way
+    (root / "step_0000008").mkdir()  # a folder without its state file is not a checkpoint
+    assert [d.name for d in checkpoint_dirs(tmp_path)] == ["step_0000002", "step_0000004"]
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_on_cpu(tmp_path, tiny_models, dataset):
+    out = tmp_path / "ddp"
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+    ]  # fmt: skip
+    cmd = align_cmd(tiny_models, dataset, out, 2, "--cpu")[1:]
+    result = run([*launch, *cmd], tmp_path, env={"ACCELERATE_USE_CPU": "true"})
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["num_processes"] == 2, result.stdout[-2000:]
+    assert (out / "final" / "pytorch_lora_weights.safetensors").exists()
