@@ -139,7 +139,7 @@ class LongPromptPipeline:
             StableDiffusionPipeline,
             pretrained_model,
             "Stable Diffusion pipeline",
-            torch_dtype=dtype,
+            dtype=dtype,
             safety_checker=None,
             requires_safety_checker=False,
             **shared,

@@ -401,5 +401,5 @@ class LongPromptEncoder(nn.Module):
             t5_encoder = load_pretrained(T5EncoderModel, t5_model, "T5 encoder")
             t5_encoder.requires_grad_(False).eval().to(device, dtype)
             t5 = T5PromptEncoder(t5_tokenizer, t5_encoder, token_length, t5_attention_mask)
-            text_adapter = load_pretrained(TextAdapter, adapter, "text adapter", torch_dtype=dtype).to(device)
+            text_adapter = load_pretrained(TextAdapter, adapter, "text adapter", dtype=dtype).to(device)
         return cls(clip, t5, text_adapter, mode)

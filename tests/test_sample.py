@@ -1,0 +1,172 @@
+"""sample.py: both samplers on tiny folders, reproducibility, sidecars, and every bad-input case (issue 3)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_lora import legacy_list
+
+from longalign.lora import LoraSettings, add_lora, save_lora
+from longalign.tiny import tiny_unet
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import sample  # noqa: E402
+
+LONG_PROMPT = " ".join(
+    f"In scene {i} a {colour} {shape} rests beside the old stone wall, lit by the evening sun."
+    for i, (colour, shape) in enumerate(zip(["red", "blue", "green", "yellow"] * 4, ["circle", "square", "triangle", "star"] * 4))
+)  # about 300 CLIP tokens
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_models, tmp_path_factory):
+    """A diffusers-format stage folder and a released-format list file, both for the tiny UNet."""
+    root = tmp_path_factory.mktemp("loras")
+    torch.manual_seed(0)
+    unet = tiny_unet()
+    add_lora(unet, "align", LoraSettings(rank=4))
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    save_lora(unet, root / "align", "align")
+    torch.save(legacy_list(tiny_unet(), rank=4), root / "reward_list.pt")
+    return root
+
+
+def model_flags(tiny_models, *init_from):
+    flags = ["--pretrained_model", str(tiny_models["sd15"]), "--t5_model", str(tiny_models["t5"]), "--adapter", str(tiny_models["adapter"])]
+    return flags + (["--init_from", *map(str, init_from)] if init_from else [])
+
+
+def run_sample(argv, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), *argv], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize("sampler", ["unipc", "lcm"])
+def test_both_samplers_write_pngs_and_sidecars(tiny_models, loras, tmp_path, sampler):
+    argv = [
+        *model_flags(tiny_models, loras / "align", loras / "reward_list.pt"), "--sampler", sampler, "--prompt", LONG_PROMPT,
+        "--height", "64", "--width", "64", "--num_images", "2", "--seed", "7",
+    ]  # fmt: skip
+    run_sample([*argv, "--out", str(tmp_path / "a")], tmp_path)
+    run_sample([*argv, "--out", str(tmp_path / "b")], tmp_path)
+    for k in range(2):
+        sidecar = json.loads((tmp_path / "a" / f"0000_0{k}.json").read_text())
+        assert sidecar["prompt"] == LONG_PROMPT and sidecar["seed"] == 7 + k and sidecar["sampler"] == sampler
+        assert sidecar["steps"] == {"unipc": 25, "lcm": 4}[sampler]
+        assert sidecar["guidance_scale"] == {"unipc": 7.5, "lcm": 0.0}[sampler]
+        assert sidecar["checkpoints"]["init_from"][-1].endswith("reward_list.pt")
+        report = sidecar["encoding_report"]
+        assert report["segments"] == 16 and report["content_tokens"] > 240 and report["tokens_dropped"] > 0
+        a = np.asarray(Image.open(tmp_path / "a" / f"0000_0{k}.png"))
+        b = np.asarray(Image.open(tmp_path / "b" / f"0000_0{k}.png"))
+        assert a.shape == (64, 64, 3) and np.array_equal(a, b)  # same seed -> identical image
+    first = np.asarray(Image.open(tmp_path / "a" / "0000_00.png")).astype(int)
+    second = np.asarray(Image.open(tmp_path / "a" / "0000_01.png")).astype(int)
+    assert np.abs(first - second).sum() > 0  # seed + k differs
+
+
+def test_loras_change_the_images(tiny_models, loras, tmp_path):
+    common = [*model_flags(tiny_models), "--sampler", "lcm", "--prompt", "a red circle", "--height", "64", "--width", "64"]
+    run_sample([*common, "--out", str(tmp_path / "plain")], tmp_path)
+    run_sample([*common, "--init_from", str(loras / "align"), "--out", str(tmp_path / "lora")], tmp_path)
+    plain = np.asarray(Image.open(tmp_path / "plain" / "0000_00.png")).astype(int)
+    with_lora = np.asarray(Image.open(tmp_path / "lora" / "0000_00.png")).astype(int)
+    assert np.abs(plain - with_lora).sum() > 0
+
+
+def test_empty_prompt_is_unconditional_generation(tiny_models, tmp_path):
+    out = run_sample([*model_flags(tiny_models), "--prompt", "", "--sampler", "lcm", "--height", "64", "--width", "64", "--out", str(tmp_path)], tmp_path)
+    assert "empty: unconditional generation" in out
+    assert json.loads((tmp_path / "0000_00.json").read_text())["encoding_report"]["segments"] == 1
+
+
+def test_prompt_file_one_prompt_per_line(tiny_models, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square. On the left.\n", encoding="utf-8")
+    run_sample([*model_flags(tiny_models), "--prompt_file", str(prompts), "--sampler", "lcm", "--height", "64", "--width", "64", "--out", str(tmp_path / "o")], tmp_path)
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.png")) == ["0000_00.png", "0001_00.png"]
+    assert json.loads((tmp_path / "o" / "0001_00.json").read_text())["prompt"] == "a blue square. On the left."
+
+
+# -------------------------------------------------------------------------------- bad input
+def expect_user_error(argv, capsys, *fragments):
+    """sample.main must exit 2 with one `error:` line naming the problem (no traceback)."""
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("error:"), err
+    for fragment in fragments:
+        assert fragment in err[-1], err[-1]
+
+
+def small(tiny_models, *init_from):
+    return [*model_flags(tiny_models, *init_from), "--prompt", "a cat", "--height", "64", "--width", "64"]
+
+
+def test_bad_sizes_and_steps(tiny_models, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    expect_user_error([*small(tiny_models), "--steps", "0"], capsys, "--steps")
+    expect_user_error([*model_flags(tiny_models), "--prompt", "a", "--height", "60"], capsys, "multiples of 8")
+    expect_user_error([*small(tiny_models), "--sampler", "euler"], capsys, "unipc")
+    expect_user_error([*small(tiny_models), "--dtype", "float64"], capsys, "--dtype")
+
+
+def test_unreadable_prompt_file(tiny_models, tmp_path, capsys):
+    expect_user_error([*model_flags(tiny_models), "--prompt_file", str(tmp_path / "missing.txt")], capsys, "missing.txt")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x81" * 10)
+    expect_user_error([*model_flags(tiny_models), "--prompt_file", str(binary)], capsys, "binary.txt")
+
+
+def test_missing_and_partial_checkpoints(tiny_models, tmp_path, capsys):
+    expect_user_error(small(tiny_models, tmp_path / "no" / "such" / "run"), capsys, "no/such/run")
+    partial = tmp_path / "partial_stage"
+    (partial / "adapter").mkdir(parents=True)
+    expect_user_error(small(tiny_models, partial), capsys, "pytorch_lora_weights.safetensors")
+    no_unet = tmp_path / "sd15_without_unet"
+    no_unet.mkdir()
+    for name in ("tokenizer", "text_encoder", "vae", "scheduler"):
+        os.symlink(tiny_models["sd15"] / name, no_unet / name)
+    (no_unet / "model_index.json").write_text((tiny_models["sd15"] / "model_index.json").read_text())
+    flags = small(tiny_models)
+    flags[flags.index("--pretrained_model") + 1] = str(no_unet)
+    expect_user_error(flags, capsys, "sd15_without_unet")
+
+
+def test_lora_for_another_unet_is_refused(tiny_models, tmp_path, capsys):
+    from diffusers import UNet2DConditionModel
+
+    other = UNet2DConditionModel(**{**tiny_unet().config, "block_out_channels": (16, 32), "norm_num_groups": 8})
+    add_lora(other, "align", LoraSettings(rank=4))
+    save_lora(other, tmp_path / "other", "align")
+    expect_user_error(small(tiny_models, tmp_path / "other"), capsys, "does not fit")
+
+
+def test_legacy_file_with_non_tensors_is_refused(tiny_models, tmp_path, capsys):
+    torch.save({"not": "a list"}, tmp_path / "dict.pt")
+    expect_user_error(small(tiny_models, tmp_path / "dict.pt"), capsys, "dict.pt")
+    torch.save([torch.zeros(2, 2), "text"], tmp_path / "mixed.pt")
+    expect_user_error(small(tiny_models, tmp_path / "mixed.pt"), capsys, "mixed.pt")
+
+
+def test_hub_ids_without_hub_access(tiny_models, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    flags = small(tiny_models)
+    flags[flags.index("--t5_model") + 1] = "google-t5/t5-large"
+    expect_user_error(flags, capsys, "google-t5/t5-large", "local folder")
+    expect_user_error(["--prompt", "a cat", "--height", "64", "--width", "64"], capsys, "luping-liu/LongSD")
