@@ -22,6 +22,7 @@ from longalign.training import (
     StageParts,
     ValidationSettings,
     encode_images,
+    encode_prompts_and_unconditional,
     load_stage_parts,
     make_accelerator,
     parse_stage_arguments,
@@ -56,10 +57,7 @@ def lcm_loss(parts: StageParts, batch: dict, generator: torch.Generator, args: L
     """
     latents = encode_images(parts.vae, batch["pixel_values"], generator).float()
     batch_size = latents.shape[0]
-    with torch.no_grad():
-        context, _ = parts.encoder(batch["caption"])
-        uncond = parts.encoder([""])[0].expand(batch_size, -1, -1)
-    context, uncond = context.to(parts.weight_dtype), uncond.to(parts.weight_dtype)
+    context, uncond = encode_prompts_and_unconditional(parts, batch["caption"])
     scheduler = parts.noise_scheduler
     start, previous = sample_lcm_timesteps(
         batch_size, generator, num_train_timesteps=scheduler.config.num_train_timesteps,

@@ -23,6 +23,7 @@ from longalign.reward import DecomposedReward
 from longalign.training import (
     StageParts,
     ValidationSettings,
+    encode_prompts_and_unconditional,
     load_stage_parts,
     make_accelerator,
     parse_stage_arguments,
@@ -38,11 +39,7 @@ def reward_loss(parts: StageParts, batch: dict, generator: torch.Generator, args
     captions (B) -> contexts (B, 480, 768) -> latents x0 (B, 4, R/8, R/8) -> images (B, 3, R, R) in [0, 1].
     """
     captions = batch["caption"]
-    batch_size = len(captions)
-    with torch.no_grad():
-        context, _ = parts.encoder(captions)
-        uncond = parts.encoder([""])[0].expand(batch_size, -1, -1)
-    context, uncond = context.to(parts.weight_dtype), uncond.to(parts.weight_dtype)
+    context, uncond = encode_prompts_and_unconditional(parts, captions)
     vae = parts.vae
     latent_size = args.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
     rollout = get_rollout(args.rollout)(

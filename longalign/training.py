@@ -123,6 +123,14 @@ def encode_images(vae: AutoencoderKL, pixel_values: torch.Tensor, generator: tor
     return latents * vae.config.scaling_factor
 
 
+@torch.no_grad()
+def encode_prompts_and_unconditional(parts: StageParts, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen contexts for prompts (B, L, D) and for "" broadcast to (B, L, D), in the weight dtype (CFG)."""
+    context, _ = parts.encoder(prompts)
+    uncond, _ = parts.encoder([""])
+    return context.to(parts.weight_dtype), uncond.to(parts.weight_dtype).expand(len(prompts), -1, -1)
+
+
 def randn_like(tensor: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Standard normal noise shaped like `tensor`, drawn on the generator's device then moved."""
     noise = torch.randn(tensor.shape, generator=generator, device=generator.device, dtype=torch.float32)

@@ -83,15 +83,18 @@ def test_trained_adapter_differs_from_initial(chain, tiny_models):
     assert any(not torch.equal(trained[k], initial[k]) for k in initial)
 
 
-def test_stage_outputs_load_in_sample(chain, tiny_models):
+@pytest.mark.parametrize(
+    "sampler, stages",
+    [("unipc", ["align", "reward"]), ("lcm", ["align", "lcm", "reward_lcm"])],
+)
+def test_stage_outputs_load_in_sample(chain, tiny_models, sampler, stages):
     cwd, _ = chain
-    runs = cwd / "runs"
-    out = cwd / "samples"
+    out = cwd / f"samples-{sampler}"
+    init_from = [str(cwd / "runs" / f"{stage}-tiny" / "final") for stage in stages]
     run(
         [
             sys.executable, str(ROOT / "sample.py"), "--pretrained_model", str(tiny_models["sd15"]),
-            "--t5_model", str(tiny_models["t5"]), "--init_from", str(runs / "align-tiny/final"),
-            str(runs / "lcm-tiny/final"), str(runs / "reward_lcm-tiny/final"), "--sampler", "lcm",
+            "--t5_model", str(tiny_models["t5"]), "--init_from", *init_from, "--sampler", sampler,
             "--prompt", "A red circle on the left. A blue square on the right.", "--height", "64", "--width", "64",
             "--out", str(out),
         ],
@@ -99,6 +102,7 @@ def test_stage_outputs_load_in_sample(chain, tiny_models):
     )  # fmt: skip
     sidecar = json.loads((out / "0000_00.json").read_text())
     assert sidecar["checkpoints"]["adapter"].endswith("align-tiny/final/adapter")
+    assert sidecar["checkpoints"]["init_from"] == init_from
     assert (out / "0000_00.png").exists()
 
 
