@@ -62,9 +62,13 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def write_clip_tokenizer(folder: Path) -> None:
-    """Write SD1.5's CLIP tokenizer (49408 tokens) from the BPE file that open_clip ships."""
+    """Write SD1.5's CLIP tokenizer folder (49408 tokens) from the BPE file that open_clip ships.
+
+    The files are those of the hub's `tokenizer/` folder: `vocab.json`, `merges.txt`,
+    `tokenizer_config.json` and `special_tokens_map.json` (no `tokenizer.json`), so loading it
+    takes the same path as loading the real one.
+    """
     import open_clip
-    from transformers import CLIPTokenizer
 
     bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
@@ -73,15 +77,12 @@ def write_clip_tokenizer(folder: Path) -> None:
     vocab = symbols + [symbol + "</w>" for symbol in symbols] + ["".join(merge) for merge in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True, exist_ok=True)
-    raw = folder / "_raw"
-    raw.mkdir(exist_ok=True)
-    (raw / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(vocab)}))
-    (raw / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(merge) for merge in merges) + "\n")
-    tokenizer = CLIPTokenizer(str(raw / "vocab.json"), str(raw / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77)
-    tokenizer.save_pretrained(folder)
-    for name in ("vocab.json", "merges.txt"):
-        (raw / name).unlink()
-    raw.rmdir()
+    (folder / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(merge) for merge in merges) + "\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    config = {**special, "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, "errors": "replace"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
 def write_t5_tokenizer(folder: Path) -> int:
@@ -169,21 +170,24 @@ def tiny_vae():
 def write_sd15(folder: Path) -> None:
     """An SD1.5-layout pipeline folder with tiny random weights."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     tokenizer_folder = folder / "tokenizer"
     write_clip_tokenizer(tokenizer_folder)
     pipeline = StableDiffusionPipeline(
         vae=tiny_vae(),
         text_encoder=CLIPTextModel(clip_text_config()),
-        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_folder),
+        tokenizer=None,
         unet=tiny_unet(),
         scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipeline.save_pretrained(folder)
+    pipeline.save_pretrained(folder)  # writes every component but the tokenizer, written above
+    index = json.loads((folder / "model_index.json").read_text())
+    index["tokenizer"] = ["transformers", "CLIPTokenizer"]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 def write_t5(folder: Path) -> None:

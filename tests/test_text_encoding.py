@@ -292,6 +292,7 @@ def test_adapter_from_another_model_is_refused(tiny_models, tmp_path):
 def test_empty_tokenizer_folder_is_refused(tiny_models, tmp_path):
     broken = tmp_path / "sd15"
     shutil.copytree(tiny_models["sd15"], broken)
-    (broken / "tokenizer" / "tokenizer.json").unlink()
+    (broken / "tokenizer" / "vocab.json").unlink()
+    (broken / "tokenizer" / "merges.txt").unlink()
     with pytest.raises(UserError, match="tokenizer"):
         LongPromptEncoder.from_pretrained(broken, tiny_models["t5"], tiny_models["adapter"], mode="clip")
