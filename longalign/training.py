@@ -445,8 +445,8 @@ def run_training(
         accelerator.init_trackers(f"longalign-{stage}", config={k: str(v) for k, v in asdict(args).items()})
 
     progress = tqdm(total=max_steps, initial=state["global_step"], desc=stage, disable=not accelerator.is_local_main_process)
-    running: dict[str, float] = {}
-    micro_in_step = 0
+    running: dict[str, float] = {}  # sums over this optimizer step's successful micro-steps
+    counted = 0
     while state["global_step"] < max_steps:
         for batch in loader:
             monitor.update(batch)
@@ -455,25 +455,28 @@ def run_training(
             torch.manual_seed(seed)  # LoRA / adapter dropout
             generator = torch.Generator().manual_seed(seed)
             with accelerator.accumulate(*prepared_modules):
-                if batch["caption"]:
-                    loss, logs = loss_fn(parts, batch, generator)
-                else:  # every row of this batch was bad: a zero loss keeps the ranks in step
-                    loss, logs = sum(p.sum() * 0.0 for p in params), {}
-                finite = bool(accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min().item())
-                if finite:
+                has_rows = bool(batch["caption"])  # every row of a batch can be bad (skipped)
+                loss, logs = loss_fn(parts, batch, generator) if has_rows else (None, {})
+                finite = has_rows and bool(torch.isfinite(loss.detach()))
+                # (rows, finite) of every rank: all step together, or all skip this micro-step
+                flags = accelerator.gather(torch.tensor([[has_rows, finite]], dtype=torch.float32, device=accelerator.device))
+                all_rows, all_finite = bool(flags[:, 0].min()), bool(flags[:, 1].min())
+                grad_norm = None
+                if all_rows and all_finite:
                     accelerator.backward(loss)
-                    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm) if accelerator.sync_gradients else None
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
                     optimizer.step()
                     lr_scheduler.step()
-                else:
-                    grad_norm = None
                 optimizer.zero_grad(set_to_none=True)
             state["micro_step"] += 1
-            micro_in_step += 1
-            if finite:
+            if all_rows and all_finite:
                 state["nonfinite_in_a_row"] = 0
+                counted += 1
                 for key, value in {"loss": loss.detach().float().item(), **logs}.items():
                     running[key] = running.get(key, 0.0) + float(value)
+            elif not all_rows:
+                logger.warning("micro-step %d skipped: a batch had no usable rows", state["micro_step"])
             else:
                 state["nonfinite_in_a_row"] += 1
                 logger.warning("non-finite loss at micro-step %d: skipped", state["micro_step"])
@@ -486,11 +489,11 @@ def run_training(
                 continue
             state["global_step"] += 1
             step = state["global_step"]
-            logged = {key: value / micro_in_step for key, value in running.items()}
+            logged = {key: value / max(counted, 1) for key, value in running.items()}
             logged["lr"] = lr_scheduler.get_last_lr()[0]
             if grad_norm is not None:
                 logged["grad_norm"] = float(grad_norm)
-            running, micro_in_step = {}, 0
+            running, counted = {}, 0
             accelerator.log(logged, step=step)
             progress.update(1)
             progress.set_postfix(loss=f"{logged.get('loss', float('nan')):.4f}")
