@@ -414,6 +414,7 @@ class MakeConfig:
     clip_steps: int = field(default=1500, metadata={"help": "contrastive training steps of the toy CLIP (0: random weights)"})
     vae_steps: int = field(default=1500, metadata={"help": "reconstruction training steps of the toy VAE (0: random weights)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads while training (0: leave torch's default)"})
+    device: str = field(default="cpu", metadata={"help": "device the toy CLIP and VAE train on (cpu, cuda)"})
 
     def __post_init__(self) -> None:
         for name in ("n", "n_eval"):
@@ -450,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
     make_parser = commands.add_parser("make", help="write the toy dataset and model folders")
     make_parser.add_argument("dir", help="output folder")
     for name, spec in MakeConfig.__dataclass_fields__.items():
-        make_parser.add_argument(f"--{name}", type=int, default=spec.default, help=spec.metadata["help"])
+        make_parser.add_argument(f"--{name}", type=type(spec.default), default=spec.default, help=spec.metadata["help"])
     args = parser.parse_args(argv)
     config = MakeConfig(**{name: getattr(args, name) for name in MakeConfig.__dataclass_fields__})
     if config.threads:

@@ -131,12 +131,13 @@ def train_toy_clip(
     learning_rate: float = 2e-3,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> Any:
     """Train the toy `CLIPModel` contrastively (CLIP's symmetric InfoNCE, learnable temperature) on
     (rendered image, random subset of its object sentences) pairs; AdamW with cosine decay.
 
     `scenes` the training scenes; returns the trained model in eval mode. steps=0 returns the
-    random initialisation (seeded).
+    random initialisation (seeded). Trains on `device`, returns the model on the CPU.
     """
     from transformers import CLIPModel
 
@@ -147,7 +148,8 @@ def train_toy_clip(
     if steps == 0:
         return model.eval()
     generator = torch.Generator().manual_seed(seed)
-    images = torch.stack([render(scene) for scene in scenes])  # (N, 3, 32, 32)
+    images = torch.stack([render(scene) for scene in scenes]).to(device)  # (N, 3, 32, 32)
+    model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))
@@ -158,7 +160,7 @@ def train_toy_clip(
         index = torch.randint(0, len(scenes), (batch_size,), generator=generator)
         texts = [object_sentence_subset(scenes[i], generator) for i in index.tolist()]
         batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-        output = model(input_ids=batch["input_ids"], pixel_values=clip_pixels(images[index]), return_loss=True)
+        output = model(input_ids=batch["input_ids"].to(device), pixel_values=clip_pixels(images[index.to(device)]), return_loss=True)
         optimizer.zero_grad(set_to_none=True)
         output.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -166,9 +168,9 @@ def train_toy_clip(
         schedule.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-            accuracy = (output.logits_per_text.argmax(1) == torch.arange(batch_size)).float().mean().item()
+            accuracy = (output.logits_per_text.argmax(1).cpu() == torch.arange(batch_size)).float().mean().item()
         _log_every(log, "clip", step, steps, start, loss=output.loss.item(), acc=accuracy)
-    return model.eval()
+    return model.cpu().eval()
 
 
 # ------------------------------------------------------------------------------ toy VAE
@@ -180,6 +182,7 @@ def train_toy_vae(
     kl_weight: float = 1e-6,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    device: str = "cpu",
 ) -> Any:
     """Train the toy `AutoencoderKL` to reconstruct toy images (B, 3, 32, 32) in [0, 1].
 
@@ -188,9 +191,9 @@ def train_toy_vae(
     posterior means (SD's convention: scaled latents have unit variance). Returns it in eval mode.
     """
     torch.manual_seed(seed)
-    vae = toy_vae()
+    vae = toy_vae().to(device)
     generator = torch.Generator().manual_seed(seed)
-    pixels = images * 2 - 1
+    pixels = (images * 2 - 1).to(device)
     if steps > 0:
         optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -199,9 +202,9 @@ def train_toy_vae(
         vae.train()
         start = time.time()
         for step in range(1, steps + 1):
-            batch = pixels[torch.randint(0, len(pixels), (batch_size,), generator=generator)]
+            batch = pixels[torch.randint(0, len(pixels), (batch_size,), generator=generator).to(device)]
             posterior = vae.encode(batch).latent_dist
-            latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+            latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
             reconstruction = vae.decode(latents).sample
             mse = F.mse_loss(reconstruction, batch)
             loss = mse + kl_weight * posterior.kl().mean()
@@ -215,20 +218,22 @@ def train_toy_vae(
     with torch.no_grad():
         means = torch.cat([vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, min(len(pixels), 1024), 256)])
     vae.register_to_config(scaling_factor=float(1.0 / means.std().clamp(min=1e-6)))
-    return vae
+    return vae.cpu()
 
 
 @torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Images (N, 3, 32, 32) in [0, 1] -> scaled posterior-mean latents (N, 4, 8, 8)."""
-    out = [vae.encode(images[i : i + batch_size] * 2 - 1).latent_dist.mean for i in range(0, len(images), batch_size)]
+    device = next(vae.parameters()).device
+    out = [vae.encode(images[i : i + batch_size].to(device) * 2 - 1).latent_dist.mean for i in range(0, len(images), batch_size)]
     return torch.cat(out) * vae.config.scaling_factor
 
 
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Scaled latents (N, 4, 8, 8) -> images (N, 3, 32, 32) in [0, 1]."""
-    out = [vae.decode(latents[i : i + batch_size] / vae.config.scaling_factor).sample for i in range(0, len(latents), batch_size)]
+    device = next(vae.parameters()).device
+    out = [vae.decode(latents[i : i + batch_size].to(device) / vae.config.scaling_factor).sample.cpu() for i in range(0, len(latents), batch_size)]
     return ((torch.cat(out).float() + 1) / 2).clamp(0, 1)
 
 
@@ -248,7 +253,7 @@ def write_model_folders(root: Path, tokenizer, train_scenes: Sequence, config, l
     from .toyworld import render
 
     folders = {name: root / name for name in ("sd15", "t5", "adapter", "preference")}
-    clip = train_toy_clip(train_scenes, tokenizer, steps=config.clip_steps, seed=config.seed, log=log)
+    clip = train_toy_clip(train_scenes, tokenizer, steps=config.clip_steps, seed=config.seed, log=log, device=config.device)
     clip.save_pretrained(folders["preference"])
     tokenizer.save_pretrained(folders["preference"])
     CLIPImageProcessor(
@@ -258,7 +263,7 @@ def write_model_folders(root: Path, tokenizer, train_scenes: Sequence, config, l
     text_encoder = CLIPTextModel(clip.config.text_config)
     text_encoder.load_state_dict(clip.text_model.state_dict())
     images = torch.stack([render(scene) for scene in train_scenes[:2048]])
-    vae = train_toy_vae(images, steps=config.vae_steps, seed=config.seed, log=log)
+    vae = train_toy_vae(images, steps=config.vae_steps, seed=config.seed, log=log, device=config.device)
     torch.manual_seed(config.seed)
     pipeline = StableDiffusionPipeline(
         vae=vae,
@@ -330,13 +335,14 @@ def train_base_unet(
 ) -> nn.Module:
     """Train every UNet weight from scratch (the toy's "SD1.5"; the stages only train LoRAs).
 
-    `latents` (N, 4, 8, 8) scaled, `contexts` (N, 77, D) the frozen plain-CLIP encodings of the
+    Runs where `latents` are (move the UNet there first). `latents` (N, 4, 8, 8) scaled, `contexts` (N, 77, D) the frozen plain-CLIP encodings of the
     captions (computed once), `uncond` (1, 77, D) the empty prompt's, used with probability
     `caption_dropout` (for CFG). Timesteps uniform in [0, 1000); target v or eps per the
     scheduler's `prediction_type`; AdamW with warmup then cosine decay. Returns the UNet (eval).
     """
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
+    device = latents.device
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=1e-2)
     steps = config.steps
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -347,13 +353,13 @@ def train_base_unet(
     start = time.time()
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     for step in range(1, steps + 1):
-        index = torch.randint(0, len(latents), (config.batch_size,), generator=generator)
+        index = torch.randint(0, len(latents), (config.batch_size,), generator=generator).to(device)
         x0 = latents[index]
         context = contexts[index].clone()
-        dropped = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
+        dropped = (torch.rand(config.batch_size, generator=generator) < config.caption_dropout).to(device)
         context[dropped] = uncond[0]
-        noise = torch.randn(x0.shape, generator=generator)
-        timesteps = torch.randint(0, num_train_timesteps, (config.batch_size,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, num_train_timesteps, (config.batch_size,), generator=generator).to(device)
         noisy = noise_scheduler.add_noise(x0, noise, timesteps)
         if noise_scheduler.config.prediction_type == "v_prediction":
             target = noise_scheduler.get_velocity(x0, noise, timesteps)
@@ -391,12 +397,12 @@ def ddim_sample(
     to alphas_cumprod[0]. Returns the final x0 prediction (B, *latent_shape) float32.
     """
     batch = context.shape[0]
-    latents = torch.randn((batch, *latent_shape), generator=generator)
+    latents = torch.randn((batch, *latent_shape), generator=generator).to(context.device)
     use_cfg = uncond is not None and guidance_scale != 1.0
     stride = num_train_timesteps // steps
     x0 = latents
     for t in ddim_timesteps(steps, num_train_timesteps):
-        timesteps = torch.full((batch,), t, dtype=torch.long)
+        timesteps = torch.full((batch,), t, dtype=torch.long, device=context.device)
         if use_cfg:
             both = model(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), torch.cat([context, uncond]))
             x0_both, eps_both = predict_x0_and_eps(both, torch.cat([latents, latents]), t, alphas_cumprod, prediction_type)
@@ -431,8 +437,9 @@ def generate(
 
     images = []
     for k, start in enumerate(range(0, len(contexts), batch_size)):
-        context = contexts[start : start + batch_size]
-        negative = uncond.expand(len(context), -1, -1) if uncond is not None else None
+        device = next(unet.parameters()).device
+        context = contexts[start : start + batch_size].to(device)
+        negative = uncond.to(device).expand(len(context), -1, -1) if uncond is not None else None
         latents = ddim_sample(
             model, context, negative, noise_scheduler.alphas_cumprod, noise_scheduler.config.prediction_type,
             latent_shape, steps, guidance_scale, torch.Generator().manual_seed(seed + k),
