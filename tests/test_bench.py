@@ -1,0 +1,131 @@
+"""bench/run.py cannot rot: one tiny run of every stage as a subprocess, plus its helpers (issue 6).
+
+No timing is asserted (DESIGN.md: timing targets live in bench/); the checks are on what the
+benchmark reports: the fields, FLOP counts that follow from the shapes, and the GPU peak table.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.run import (
+    Recorder,
+    flop_counter,
+    flops_by_module,
+    markdown,
+    peak_bf16_tflops,
+)
+
+STEP_FIELDS = (
+    "name", "stage", "variant", "size", "device", "resolution", "batch_size", "status", "warmup", "steps",
+    "step_time_median_s", "step_time_min_s", "samples_per_s", "peak_memory_gib", "memory_kind",
+    "unet_flops_per_step", "total_flops_per_step",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One timed step per stage on the tiny models (reward rollout shortened to 10 DDIM steps)."""
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    out.write_text(json.dumps([{"earlier": "run"}]))  # the run is appended, earlier runs kept
+    command = [
+        sys.executable, str(ROOT / "bench" / "run.py"), "--size", "tiny", "--stage", "all",
+        "--steps", "1", "--warmup", "0", "--reward-steps", "10", "--threads", "1", "--device", "cpu", "--out", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-4000:]
+    runs = json.loads(out.read_text())
+    return runs, result.stdout
+
+
+def test_tiny_run_reports_every_stage(tiny_run):
+    runs, stdout = tiny_run
+    assert len(runs) == 2 and runs[0] == {"earlier": "run"}
+    run = runs[1]
+    assert run["machine"]["cpu"] and run["machine"]["versions"]["torch"] == torch.__version__
+    assert run["date"] and run["command"].startswith("python bench/run.py --size tiny")
+    results = {r["name"]: r for r in run["results"]}
+    expected = {"align", "align_ctx77", "lcm", "reward", "reward_all50", "reward_all50_nockpt", "reward_lcm", "sample_lcm4", "sample_unipc25_cfg"}
+    assert set(results) == expected
+    for name, record in results.items():
+        assert record["status"] == "ok", (name, record.get("error"))
+        missing = [key for key in STEP_FIELDS if key not in record]
+        assert not missing, (name, missing)
+        assert 0 < record["step_time_min_s"] <= record["step_time_median_s"]
+        assert record["samples_per_s"] == pytest.approx(record["batch_size"] / record["step_time_median_s"], rel=1e-3)
+        assert record["peak_memory_gib"] > 0 and record["memory_kind"] == "peak_rss"
+        assert 0 < record["unet_flops_per_step"] <= record["total_flops_per_step"]
+    assert "| align |" in stdout and "| comparison | ratio |" in stdout
+
+
+def test_flop_counts_follow_the_shapes(tiny_run):
+    """FLOPs that must come out of the counter if it sees every UNet call."""
+    run = tiny_run[0][1]
+    results = {r["name"]: r for r in run["results"]}
+    # A 480-token context costs more cross-attention than SD's 77 tokens; nothing else changes in the UNet.
+    assert results["align"]["unet_flops_per_step"] > results["align_ctx77"]["unet_flops_per_step"]
+    # Backprop through all 10 rollout steps (checkpointed: recomputed forward) costs more than through 5.
+    assert results["reward_all50"]["unet_flops_per_step"] > results["reward"]["unet_flops_per_step"]
+    # UniPC 25 steps with CFG (batch 2B per call) vs LCM 4 steps (batch B): 25 * 2 / 4 = 12.5 times the UNet FLOPs.
+    ratio = results["sample_unipc25_cfg"]["unet_flops_per_step"] / results["sample_lcm4"]["unet_flops_per_step"]
+    assert ratio == pytest.approx(12.5, rel=1e-3)
+    comparisons = {c["name"]: c for c in run["comparisons"]}
+    for name in ("context_480_vs_77", "reward_all50_vs_5of50", "reward_all50_nockpt_vs_5of50", "sample_unipc25_vs_lcm4"):
+        assert comparisons[name]["ratio"] is not None and comparisons[name]["ratio"] > 0, name
+    shares = comparisons["align_frozen_encoders"]
+    assert shares["status"] == "ok" and set(shares["seconds"]) == {"vae_encode", "segment_clip", "t5_large"}
+    assert shares["share"]["total"] == pytest.approx(sum(shares["seconds"].values()) / shares["align_step_s"], rel=1e-2)
+
+
+def test_flop_counter_counts_cpu_attention():
+    """SDPA's CPU kernel is not in torch's FLOP registry; the benchmark's counter adds it (fwd: 2 bmm)."""
+    q, k, v = (torch.randn(1, 2, 8, 4, requires_grad=True) for _ in range(3))
+    with flop_counter() as counter:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    forward = flops_by_module(counter)["total"]
+    assert forward == 2 * (2 * 2 * 8 * 4 * 8)
+    with flop_counter() as counter:
+        out.sum().backward()
+    assert flops_by_module(counter)["total"] > forward
+
+
+@pytest.mark.parametrize(
+    "name, tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H100 NVL", 835.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA A100 80GB PCIe", 312.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA GeForce RTX 4090", 165.0),
+        ("NVIDIA A10G", None),
+        ("Tesla T4", None),
+    ],
+)
+def test_peak_table(name, tflops):
+    assert peak_bf16_tflops(name)[0] == tflops
+
+
+def test_recorder_appends_and_rewrites(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps([{"run": 1}]))
+    run = {"results": [], "comparisons": []}
+    recorder = Recorder(path, run)
+    recorder.add("results", {"name": "align", "status": "oom", "error": "OutOfMemoryError", "batch_size": 16, "resolution": 512})
+    recorder.add("results", {"name": "lcm", "status": "ok", "batch_size": 16, "resolution": 512, "step_time_median_s": 0.5})
+    saved = json.loads(path.read_text())
+    assert saved[0] == {"run": 1} and [r["name"] for r in saved[1]["results"]] == ["align", "lcm"]
+    table = markdown(run)
+    assert "| align | 16 | 512 |" in table and "| oom |" in table
