@@ -9,13 +9,16 @@ dropped to "" with probability 0.1 so the model keeps an unconditional mode for 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from longalign.config import AlignArguments
+from longalign.config import AlignArguments, ModelArguments
 from longalign.data import build_train_dataset
 from longalign.diffusion import mse, pseudo_huber, sample_timesteps
 from longalign.loading import cli_entry
 from longalign.training import (
+    Stage,
     StageParts,
     ValidationSettings,
     encode_images,
@@ -51,22 +54,23 @@ def align_loss(parts: StageParts, batch: dict, generator: torch.Generator, args:
     return loss, {"caption_dropped": 1.0 - keep.float().mean().item()}
 
 
-@cli_entry
-def main(argv: list[str] | None = None) -> None:
-    model_args, args = parse_stage_arguments(AlignArguments, argv)
-    accelerator = make_accelerator(args)
+def build_stage(model_args: ModelArguments, args: AlignArguments, accelerator) -> Stage:
+    """SD1.5 (+ `--init_from`) with a new LoRA `align`; the LoRA and (by default) the adapter train."""
     parts = load_stage_parts(model_args, args, accelerator, lora_name=STAGE)
     trainable = {"unet": parts.unet}
     if args.train_adapter and parts.encoder.adapter is not None:
         parts.encoder.adapter.requires_grad_(True).train()
         trainable["encoder.adapter"] = parts.encoder.adapter
-    run_training(
-        STAGE, model_args, args, accelerator, parts, trainable,
-        loss_fn=lambda parts, batch, generator: align_loss(parts, batch, generator, args),
-        dataset=build_train_dataset(args),
-        lora_name=STAGE,
-        validation=ValidationSettings(sampler="unipc"),
-    )
+    loss_fn = functools.partial(align_loss, args=args)
+    return Stage(STAGE, parts, trainable, loss_fn, ValidationSettings(sampler="unipc"))
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> None:
+    model_args, args = parse_stage_arguments(AlignArguments, argv)
+    dataset = build_train_dataset(args)  # a wrong --dataset or --image_root fails before any model loads
+    accelerator = make_accelerator(args)
+    run_training(model_args, args, accelerator, build_stage(model_args, args, accelerator), dataset)
 
 
 if __name__ == "__main__":

@@ -10,15 +10,23 @@ output at (x_t', t') under no_grad (no EMA target, as released). Loss: pseudo-Hu
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 import torch
 
-from longalign.config import LcmArguments
+from longalign.config import LcmArguments, ModelArguments
 from longalign.data import build_train_dataset
-from longalign.diffusion import lcm_output, lcm_teacher_step, predict_x0, pseudo_huber, sample_lcm_timesteps
+from longalign.diffusion import (
+    lcm_output,
+    lcm_teacher_step,
+    predict_x0,
+    pseudo_huber,
+    sample_lcm_timesteps,
+)
 from longalign.loading import cli_entry
 from longalign.training import (
+    Stage,
     StageParts,
     ValidationSettings,
     encode_images,
@@ -79,19 +87,20 @@ def lcm_loss(parts: StageParts, batch: dict, generator: torch.Generator, args: L
     return pseudo_huber(prediction, target, args.huber_c), {}
 
 
+def build_stage(model_args: ModelArguments, args: LcmArguments, accelerator) -> Stage:
+    """The align-fused UNet with a new LoRA `lcm` (student); the same UNet with it off is the teacher."""
+    parts = load_stage_parts(model_args, args, accelerator, lora_name=STAGE)
+    teacher_unet = parts.unet  # the unwrapped module: LoRA toggled off for the teacher's calls
+    loss_fn = functools.partial(lcm_loss, args=args, teacher_unet=teacher_unet)
+    return Stage(STAGE, parts, {"unet": parts.unet}, loss_fn, ValidationSettings(sampler="lcm"))
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     model_args, args = parse_stage_arguments(LcmArguments, argv)
+    dataset = build_train_dataset(args)  # a wrong --dataset or --image_root fails before any model loads
     accelerator = make_accelerator(args)
-    parts = load_stage_parts(model_args, args, accelerator, lora_name=STAGE)
-    teacher_unet = parts.unet  # the unwrapped module: LoRA toggled off for the teacher's calls
-    run_training(
-        STAGE, model_args, args, accelerator, parts, {"unet": parts.unet},
-        loss_fn=lambda parts, batch, generator: lcm_loss(parts, batch, generator, args, teacher_unet),
-        dataset=build_train_dataset(args),
-        lora_name=STAGE,
-        validation=ValidationSettings(sampler="lcm"),
-    )
+    run_training(model_args, args, accelerator, build_stage(model_args, args, accelerator), dataset)
 
 
 if __name__ == "__main__":

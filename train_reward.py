@@ -13,14 +13,17 @@ the reward from overfitting to a generic "preferred" style.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from longalign.config import RewardArguments
+from longalign.config import ModelArguments, RewardArguments
 from longalign.data import CaptionDataset, load_caption_table
 from longalign.diffusion import RolloutSettings, get_rollout
 from longalign.loading import cli_entry
 from longalign.reward import DecomposedReward
 from longalign.training import (
+    Stage,
     StageParts,
     ValidationSettings,
     encode_prompts_and_unconditional,
@@ -52,27 +55,24 @@ def reward_loss(parts: StageParts, batch: dict, generator: torch.Generator, args
     return reward(images, captions, generator)
 
 
+def build_stage(model_args: ModelArguments, args: RewardArguments, accelerator) -> Stage:
+    """The fused UNet with a new LoRA (`reward` or `reward_lcm`, by `--rollout`) and the scorer."""
+    name = STAGES[args.rollout]
+    parts = load_stage_parts(model_args, args, accelerator, lora_name=name)
+    parts.extra["rollout_settings"] = RolloutSettings(guidance_scale=args.guidance_scale, gradient_checkpointing=True)
+    reward = DecomposedReward(args, accelerator, device=accelerator.device, dtype=parts.weight_dtype, segmenter=model_args.segmenter)
+    loss_fn = functools.partial(reward_loss, args=args, reward=reward)
+    validation = ValidationSettings(sampler="unipc" if args.rollout == "ddim_cfg" else "lcm")
+    return Stage(name, parts, {"unet": parts.unet}, loss_fn, validation, stateful={"common_direction": reward.direction})
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     model_args, args = parse_stage_arguments(RewardArguments, argv)
-    stage = STAGES.get(args.rollout)
     get_rollout(args.rollout)  # a bad --rollout fails before any model loads
+    dataset = CaptionDataset(load_caption_table(args), args)
     accelerator = make_accelerator(args)
-    parts = load_stage_parts(model_args, args, accelerator, lora_name=stage)
-    parts.extra["rollout_settings"] = RolloutSettings(
-        guidance_scale=args.guidance_scale, gradient_checkpointing=True
-    )
-    reward = DecomposedReward(
-        args, accelerator, device=accelerator.device, dtype=parts.weight_dtype, segmenter=model_args.segmenter
-    )
-    run_training(
-        stage, model_args, args, accelerator, parts, {"unet": parts.unet},
-        loss_fn=lambda parts, batch, generator: reward_loss(parts, batch, generator, args, reward),
-        dataset=CaptionDataset(load_caption_table(args), args),
-        lora_name=stage,
-        validation=ValidationSettings(sampler="unipc" if args.rollout == "ddim_cfg" else "lcm"),
-        stateful={"common_direction": reward.direction},
-    )
+    run_training(model_args, args, accelerator, build_stage(model_args, args, accelerator), dataset)
 
 
 if __name__ == "__main__":

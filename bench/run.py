@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import json
 import logging
 import os
@@ -390,7 +391,7 @@ class StageBench:
             ModelArguments,
             RewardArguments,
         )
-        from longalign.training import load_stage_parts, make_accelerator
+        from longalign.training import make_accelerator, prepare_optimization
 
         self.stage = stage
         self.options = options
@@ -420,56 +421,15 @@ class StageBench:
         self.args = args
         started = time.perf_counter()
         self.accelerator = make_accelerator(args)
-        self.parts = load_stage_parts(self.model_args, args, self.accelerator, lora_name=stage)
-        self.loss_fn = self._loss_fn()
-        trainable = {"unet": self.parts.unet}
-        if stage == "align" and self.parts.encoder.adapter is not None:
-            self.parts.encoder.adapter.requires_grad_(True).train()
-            trainable["adapter"] = self.parts.encoder.adapter
-        self._prepare(trainable)
+        script = {"align": "train_align", "lcm": "train_lcm"}.get(stage, "train_reward")
+        self.stage_spec = importlib.import_module(script).build_stage(self.model_args, args, self.accelerator)
+        self.parts = self.stage_spec.parts
+        if stage in ("reward", "reward_lcm"):  # fewer rollout steps only for smoke runs
+            self.parts.extra["rollout_settings"] = rollout_settings(self.options.reward_steps, guidance_scale=args.guidance_scale)
+        self.loss_fn = self.stage_spec.loss_fn
+        self.params, self.optimizer, _ = prepare_optimization(self.accelerator, args, self.stage_spec)
         synchronize(device)
         self.load_seconds = time.perf_counter() - started
-
-    def _loss_fn(self) -> Callable:
-        args, parts = self.args, self.parts
-        if self.stage == "align":
-            from train_align import align_loss
-
-            return lambda p, b, g: align_loss(p, b, g, args)
-        if self.stage == "lcm":
-            from train_lcm import lcm_loss
-
-            teacher = parts.unet  # the unwrapped module, LoRA toggled off for the teacher (as train_lcm.py)
-            return lambda p, b, g: lcm_loss(p, b, g, args, teacher)
-        from longalign.reward import DecomposedReward
-        from train_reward import reward_loss
-
-        parts.extra["rollout_settings"] = rollout_settings(self.options.reward_steps, guidance_scale=args.guidance_scale)
-        reward = DecomposedReward(
-            args, self.accelerator, device=self.accelerator.device, dtype=parts.weight_dtype, segmenter=self.model_args.segmenter
-        )
-        return lambda p, b, g: reward_loss(p, b, g, args, reward)
-
-    def _prepare(self, trainable: dict[str, torch.nn.Module]) -> None:
-        """As `run_training`: trainable weights in fp32, AdamW, `accelerator.prepare` (autocast wrappers)."""
-        modules = list(trainable.values())
-        for module in modules:
-            for parameter in module.parameters():
-                if parameter.requires_grad:
-                    parameter.data = parameter.data.float()
-        self.params = [p for module in modules for p in module.parameters() if p.requires_grad]
-        args = self.args
-        optimizer = torch.optim.AdamW(
-            self.params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-        )  # fmt: skip
-        prepared = self.accelerator.prepare(*modules, optimizer)
-        self.optimizer = prepared[-1]
-        for name, module in zip(trainable, prepared[:-1]):
-            if name == "unet":
-                self.parts.unet = module
-            else:
-                self.parts.encoder.adapter = module
 
     def step(self, batch: dict[str, Any], seed: int) -> float:
         """One micro-step of `run_training`: loss, finite check, backward, clip, AdamW step, zero grads."""
@@ -486,7 +446,7 @@ class StageBench:
     def close(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.free_memory()
-        self.parts = self.optimizer = self.params = self.loss_fn = None
+        self.stage_spec = self.parts = self.optimizer = self.params = self.loss_fn = None
         release_memory(self.options.device)
 
 

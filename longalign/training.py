@@ -78,6 +78,35 @@ class StageParts:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+LossFn = Callable[[StageParts, dict, torch.Generator], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+@dataclass
+class ValidationSettings:
+    """How a stage's validation images are drawn: sampler, steps and guidance (paper's sampling)."""
+
+    sampler: str = "unipc"
+    steps: int | None = None
+    guidance_scale: float | None = None
+
+
+@dataclass
+class Stage:
+    """What a stage script defines: its name (also its LoRA's), parts, what trains, its loss.
+
+    `trainable` maps attribute paths of `parts` (`unet`, `encoder.adapter`) to modules;
+    `loss_fn(parts, batch, generator) -> (loss, logs)`; `stateful` objects with
+    `state_dict`/`load_state_dict` (e.g. an EMA common direction) are checkpointed as JSON.
+    """
+
+    name: str
+    parts: StageParts
+    trainable: dict[str, nn.Module]
+    loss_fn: LossFn
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+    stateful: dict[str, Any] = field(default_factory=dict)
+
+
 def load_stage_parts(model_args: ModelArguments, args: TrainingArguments, accelerator: Accelerator, lora_name: str) -> StageParts:
     """SD1.5 parts with the earlier stages' LoRAs (`--init_from`) fused, and a new LoRA `lora_name`.
 
@@ -232,15 +261,6 @@ def save_checkpoint(accelerator: Accelerator, args: TrainingArguments, step: int
 
 
 # ------------------------------------------------------------------------------ validation
-@dataclass
-class ValidationSettings:
-    """How a stage's validation images are drawn: sampler, steps and guidance (paper's sampling)."""
-
-    sampler: str = "unipc"
-    steps: int | None = None
-    guidance_scale: float | None = None
-
-
 def validate(accelerator: Accelerator, args: TrainingArguments, parts: StageParts, settings: ValidationSettings, step: int) -> Path | None:
     """Generate the fixed held-out prompts with fixed seeds; save a grid PNG and log it."""
     if not accelerator.is_main_process or not args.validation_prompts:
@@ -300,14 +320,13 @@ def write_final(
     model_args: ModelArguments,
     parts: StageParts,
     stage: str,
-    lora_name: str,
     step: int,
 ) -> Path:
     """`final/`: diffusers-format LoRA, `adapter/` when trained, `config.json` and a model card."""
     final = Path(args.output_dir) / "final"
     if accelerator.is_main_process:
         final.mkdir(parents=True, exist_ok=True)
-        save_lora(accelerator.unwrap_model(parts.unet), final, lora_name)
+        save_lora(accelerator.unwrap_model(parts.unet), final, stage)
         adapter = parts.encoder.adapter
         if adapter is not None and any(p.requires_grad for p in adapter.parameters()):
             accelerator.unwrap_model(adapter).save_pretrained(final / "adapter")
@@ -358,8 +377,6 @@ def check_ranks_agree(accelerator: Accelerator, params: list[torch.Tensor]) -> N
 
 
 # ---------------------------------------------------------------------------------- the loop
-LossFn = Callable[[StageParts, dict, torch.Generator], "tuple[torch.Tensor, dict[str, float]]"]
-
 
 def step_seed(seed: int, micro_step: int, rank: int) -> int:
     """The seed of one micro-step on one rank (noise, timesteps, dropout): a pure function."""
@@ -382,28 +399,13 @@ def _set_path(root: Any, path: str, value: Any) -> None:
     setattr(root, name, value)
 
 
-def run_training(
-    stage: str,
-    model_args: ModelArguments,
-    args: TrainingArguments,
-    accelerator: Accelerator,
-    parts: StageParts,
-    trainable: dict[str, nn.Module],
-    loss_fn: LossFn,
-    dataset,
-    lora_name: str,
-    validation: ValidationSettings,
-    stateful: dict[str, Any] | None = None,
-) -> Path:
-    """Train `trainable` (attribute paths of `parts` -> module) with `loss_fn` on `dataset`.
+def prepare_optimization(accelerator: Accelerator, args: TrainingArguments, stage: Stage) -> tuple[list[nn.Parameter], Any, Any]:
+    """Trainable weights in fp32, AdamW, constant-after-warmup LR, `accelerator.prepare` (DDP, autocast).
 
-    `loss_fn(parts, batch, generator) -> (loss, logs)` sees the prepared (DDP-wrapped) modules.
-    `stateful` objects (`state_dict`/`load_state_dict`, e.g. an EMA common direction) are saved
-    in every checkpoint as JSON. Returns the `final/` folder.
+    The prepared modules replace the originals inside `stage.parts` (and `stage.trainable`), so the
+    loss sees them. Returns (trainable parameters, optimizer, lr scheduler).
     """
-    stateful = stateful or {}
-    resume = prepare_output_dir(args, accelerator)
-    modules = list(trainable.values())
+    modules = list(stage.trainable.values())
     for module in modules:
         for parameter in module.parameters():
             if parameter.requires_grad:
@@ -413,14 +415,27 @@ def run_training(
         params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
     )
-    lr_scheduler = get_scheduler(
+    lr_scheduler = get_scheduler(  # accelerate steps a prepared scheduler once per process
         "constant_with_warmup", optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes
     )
-    prepared = accelerator.prepare(*modules, optimizer, lr_scheduler)
-    prepared_modules, optimizer, lr_scheduler = prepared[: len(modules)], prepared[-2], prepared[-1]
-    for path, module in zip(trainable, prepared_modules):
-        _set_path(parts, path, module)
-    register_trainable_checkpointing(accelerator, list(prepared_modules))
+    *prepared, optimizer, lr_scheduler = accelerator.prepare(*modules, optimizer, lr_scheduler)
+    for path, module in zip(list(stage.trainable), prepared):
+        _set_path(stage.parts, path, module)
+        stage.trainable[path] = module
+    return params, optimizer, lr_scheduler
+
+
+def run_training(model_args: ModelArguments, args: TrainingArguments, accelerator: Accelerator, stage: Stage, dataset) -> Path:
+    """Train `stage` on `dataset` (items from `longalign.data`): the loop every stage shares.
+
+    Resumes from `--resume_from`, checkpoints every `--checkpointing_steps`, validates every
+    `--validation_steps`, and writes `final/`. Returns the `final/` folder.
+    """
+    resume = prepare_output_dir(args, accelerator)
+    params, optimizer, lr_scheduler = prepare_optimization(accelerator, args, stage)
+    prepared_modules = list(stage.trainable.values())
+    parts, stateful = stage.parts, stage.stateful
+    register_trainable_checkpointing(accelerator, prepared_modules)
 
     sampler = ResumableSampler(len(dataset), args.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     loader = make_dataloader(dataset, sampler, args.train_batch_size, args.dataloader_num_workers)
@@ -440,11 +455,11 @@ def run_training(
         logger.info("resumed from %s at step %d", resume, state["global_step"])
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        config = resolved_config(stage, model_args, args, accelerator)
+        config = resolved_config(stage.name, model_args, args, accelerator)
         (Path(args.output_dir) / "config.json").write_text(json.dumps(config, indent=2))
-        accelerator.init_trackers(f"longalign-{stage}", config={k: str(v) for k, v in asdict(args).items()})
+        accelerator.init_trackers(f"longalign-{stage.name}", config={k: str(v) for k, v in asdict(args).items()})
 
-    progress = tqdm(total=max_steps, initial=state["global_step"], desc=stage, disable=not accelerator.is_local_main_process)
+    progress = tqdm(total=max_steps, initial=state["global_step"], desc=stage.name, disable=not accelerator.is_local_main_process)
     running: dict[str, float] = {}  # sums over this optimizer step's successful micro-steps
     counted = 0
     while state["global_step"] < max_steps:
@@ -456,7 +471,7 @@ def run_training(
             generator = torch.Generator().manual_seed(seed)
             with accelerator.accumulate(*prepared_modules):
                 has_rows = bool(batch["caption"])  # every row of a batch can be bad (skipped)
-                loss, logs = loss_fn(parts, batch, generator) if has_rows else (None, {})
+                loss, logs = stage.loss_fn(parts, batch, generator) if has_rows else (None, {})
                 finite = has_rows and bool(torch.isfinite(loss.detach()))
                 # (rows, finite) of every rank: all step together, or all skip this micro-step
                 flags = accelerator.gather(torch.tensor([[has_rows, finite]], dtype=torch.float32, device=accelerator.device))
@@ -506,14 +521,14 @@ def run_training(
                 }
                 save_checkpoint(accelerator, args, step, full_state)
             if args.validation_steps and step % args.validation_steps == 0 and step != max_steps:
-                validate(accelerator, args, parts, validation, step)
+                validate(accelerator, args, parts, stage.validation, step)
             if step >= max_steps:
                 break
         else:
             sampler.next_epoch()
     progress.close()
     check_ranks_agree(accelerator, params)
-    final = write_final(accelerator, args, model_args, parts, stage, lora_name, state["global_step"])
-    validate(accelerator, args, parts, validation, state["global_step"])
+    final = write_final(accelerator, args, model_args, parts, stage.name, state["global_step"])
+    validate(accelerator, args, parts, stage.validation, state["global_step"])
     accelerator.end_training()
     return final

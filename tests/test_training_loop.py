@@ -9,7 +9,7 @@ from torch import nn
 from longalign.config import AlignArguments, ModelArguments, RewardArguments
 from longalign.data import CaptionDataset, DataSettings
 from longalign.loading import UserError
-from longalign.training import StageParts, ValidationSettings, make_accelerator, run_training
+from longalign.training import Stage, StageParts, make_accelerator, run_training
 
 
 class StopTraining(Exception):
@@ -24,10 +24,9 @@ def tiny_loop(tmp_path, loss_fn, max_nonfinite_steps):
     )  # fmt: skip
     table = [{"path": f"{i}.png", "caption": f"caption {i}"} for i in range(8)]
     parts = StageParts(unet=nn.Linear(3, 3), vae=None, encoder=None, noise_scheduler=None, weight_dtype=torch.float32)
-    run_training(
-        "test", ModelArguments(), args, make_accelerator(args), parts, {"unet": parts.unet}, loss_fn,
-        CaptionDataset(table, DataSettings(dataset="unused.jsonl")), lora_name="test", validation=ValidationSettings(),
-    )  # fmt: skip
+    stage = Stage("test", parts, {"unet": parts.unet}, loss_fn)
+    dataset = CaptionDataset(table, DataSettings(dataset="unused.jsonl"))
+    run_training(ModelArguments(), args, make_accelerator(args), stage, dataset)
 
 
 def test_nonfinite_losses_are_skipped_then_stop(tmp_path, caplog):
