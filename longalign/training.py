@@ -530,5 +530,6 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
     check_ranks_agree(accelerator, params)
     final = write_final(accelerator, args, model_args, parts, stage.name, state["global_step"])
     validate(accelerator, args, parts, stage.validation, state["global_step"])
+    accelerator.wait_for_everyone()  # no rank tears the process group down while another still uses it
     accelerator.end_training()
     return final

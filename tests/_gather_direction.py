@@ -44,6 +44,8 @@ def main(out: str) -> None:
         },
         f"{out}/rank{rank}.safetensors",
     )
+    accelerator.wait_for_everyone()  # no rank tears the process group down while another still uses it
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
