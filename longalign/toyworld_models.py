@@ -57,6 +57,16 @@ def toy_clip_config(tokenizer) -> Any:
     return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=TEXT_WIDTH)
 
 
+def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int, warmup: int = 50, floor: float = 0.0):
+    """LR factor: linear warmup over `warmup` steps, then cosine decay to `floor` at `steps`."""
+
+    def factor(step: int) -> float:
+        cosine = 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0)))
+        return min(1.0, (step + 1) / warmup) * (floor + (1 - floor) * cosine)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def toy_unet() -> Any:
     """The toy "SD1.5" UNet: `UNet2DConditionModel` on 8x8x4 latents, widths (64, 128), cross-attention
     in every block (width 64 = the toy CLIP), SD1.5's block types otherwise."""
@@ -151,9 +161,7 @@ def train_toy_clip(
     images = torch.stack([render(scene) for scene in scenes]).to(device)  # (N, 3, 32, 32)
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))
-    )
+    schedule = warmup_cosine(optimizer, steps)
     model.train()
     start = time.time()
     for step in range(1, steps + 1):
@@ -196,9 +204,7 @@ def train_toy_vae(
     pixels = (images * 2 - 1).to(device)
     if steps > 0:
         optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))
-        )
+        schedule = warmup_cosine(optimizer, steps)
         vae.train()
         start = time.time()
         for step in range(1, steps + 1):
@@ -345,10 +351,7 @@ def train_base_unet(
     device = latents.device
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=1e-2)
     steps = config.steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / config.warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))),
-    )
+    schedule = warmup_cosine(optimizer, steps, config.warmup_steps, floor=0.1)
     unet.train()
     start = time.time()
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
