@@ -85,6 +85,16 @@ def load_pretrained(cls: Any, name: str, what: str, subfolder: str | None = None
         raise _hub_hint(where, what, error) from None
 
 
+def _hub_file(repo: str, filename: str, what: str) -> str:
+    """Download one file of a hub repo (or take it from the cache); one-line `UserError` on failure."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo, filename)
+    except Exception as error:  # hub errors come in many classes; all mean "could not fetch"
+        raise _hub_hint(f"{repo}/{filename}", what, error) from None
+
+
 def fetch_file(source: str, filename: str, what: str) -> str:
     """Path of `filename` inside a local folder or a hub repo (downloaded if needed)."""
     source, inner = split_hub_path(resolve_source(source, what))
@@ -95,12 +105,7 @@ def fetch_file(source: str, filename: str, what: str) -> str:
         if not os.path.exists(path):
             raise UserError(f"{what} not found: '{path}' does not exist")
         return path
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return hf_hub_download(source, filename)
-    except Exception as error:  # hub errors come in many classes; all mean "could not fetch"
-        raise _hub_hint(f"{source}/{filename}", what, error) from None
+    return _hub_file(source, filename, what)
 
 
 def local_path(spec: str, what: str) -> str:
@@ -111,13 +116,12 @@ def local_path(spec: str, what: str) -> str:
     source, inner = split_hub_path(resolve_source(spec, what))
     if os.path.exists(source):
         return source
-    from huggingface_hub import hf_hub_download, snapshot_download
+    if inner is not None and os.path.splitext(inner)[1]:
+        return _hub_file(source, inner, what)
+    from huggingface_hub import snapshot_download
 
     try:
-        if inner is not None and os.path.splitext(inner)[1]:
-            return hf_hub_download(source, inner)
-        patterns = [f"{inner}/*"] if inner else None
-        root = snapshot_download(source, allow_patterns=patterns)
+        root = snapshot_download(source, allow_patterns=[f"{inner}/*"] if inner else None)
     except Exception as error:  # hub errors come in many classes; all mean "could not fetch"
         raise _hub_hint(spec, what, error) from None
     return os.path.join(root, inner) if inner else root
