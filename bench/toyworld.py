@@ -99,7 +99,7 @@ def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
         accumulator.Reload()
         for tag in accumulator.Tags()["scalars"]:
             out.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
-    return {tag: sorted(values) for tag, values in out.items()}
+    return {tag: sorted(dict(values).items()) for tag, values in out.items()}  # one value per step (a resumed run rewrites some)
 
 
 class Study:
@@ -109,6 +109,17 @@ class Study:
         self.report = out / "report"
         self.report.mkdir(parents=True, exist_ok=True)
         self.results: dict = {"scale": scale.__dict__, "device": device, "seed": seed, "timings_s": {}}
+        saved = self.report / "results.json"
+        if saved.exists():  # resume a cut-off run: finished steps are skipped
+            previous = json.loads(saved.read_text())
+            if previous.get("scale") != json.loads(json.dumps(scale.__dict__)) or previous.get("seed") != seed:
+                raise SystemExit(f"{saved} is from another scale or seed; pick another --out to start a new study")
+            self.results = {**previous, "device": device}
+            log(f"resuming {out}: done {', '.join(self.results['timings_s']) or 'nothing'}")
+
+    def done(self, name: str) -> bool:
+        """Whether step `name` finished in an earlier (cut-off) run of this study."""
+        return name in self.results["timings_s"]
 
     def timed(self, name: str, start: float) -> None:
         """Record a step's wall time and save the results so far (a cut-off run keeps them)."""
@@ -122,11 +133,14 @@ class Study:
     def make(self) -> None:
         start = time.time()
         s = self.scale
-        config = tw.MakeConfig(n=s.n, n_eval=s.n_eval, seed=self.seed, clip_steps=s.clip_steps, vae_steps=s.vae_steps, device=self.device)
-        tw.make(self.world, config, log=log)
+        if not self.done("make"):
+            config = tw.MakeConfig(n=s.n, n_eval=s.n_eval, seed=self.seed, clip_steps=s.clip_steps, vae_steps=s.vae_steps, device=self.device)
+            tw.make(self.world, config, log=log)
         self.tokenizer = tw.build_tokenizer()
         self.train_scenes = tw.read_scenes(self.world / "data" / "train_scenes.jsonl")
         self.eval_scenes = tw.read_scenes(self.world / "data" / "eval_scenes.jsonl")
+        if self.done("make"):
+            return
         from longalign.text_encoding import split_legacy, split_sentences
 
         same = all(split_legacy(c.caption) == split_sentences(c.caption, self.tokenizer) for c in self.eval_scenes[:64])
@@ -150,6 +164,8 @@ class Study:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel
 
+        if self.done("base_training"):
+            return
         start = time.time()
         sd15 = self.world / "sd15"
         vae = AutoencoderKL.from_pretrained(sd15, subfolder="vae").to(self.device).eval()
@@ -231,28 +247,31 @@ class Study:
             "--dataset", str(self.world / "data" / "train.jsonl"), "--resolution", "32",
             "--encoder_mode", "clip", "--segmenter", "legacy", "--train_batch_size", str(batch),
             "--gradient_accumulation_steps", "1", "--max_train_steps", str(steps), "--mixed_precision", "no",
-            "--dataloader_num_workers", "2", "--checkpointing_steps", str(max(steps, 1)), "--validation_steps", "0",
-            "--validation_prompts", self.eval_scenes[0].caption, "--seed", str(self.seed), "--overwrite",
+            "--dataloader_num_workers", "2", "--checkpointing_steps", str(max(steps // 5, 1)), "--validation_steps", "0",
+            "--validation_prompts", self.eval_scenes[0].caption, "--seed", str(self.seed),
         ]  # fmt: skip
 
+    def stage(self, stage: str, name: str, flags: list[str]) -> Path:
+        """`run_unet.sh STAGE NAME FLAGS`; a cut-off run resumes from its last checkpoint, a finished
+        one (with `final/`) is not run again. Returns the run folder."""
+        folder = self.out / "runs" / f"{stage}-{name}"
+        if not (folder / "final" / "config.json").exists():
+            start = time.time()
+            run(["bash", str(ROOT / "run_unet.sh"), stage, name, *flags, "--resume_from", "auto"], self.out)
+            self.timed(f"{stage}_stage_{name}", start)
+        return folder
+
     def align(self) -> Path:
-        start = time.time()
         flags = self.stage_flags(self.scale.align_steps, self.scale.batch)
-        run(["bash", str(ROOT / "run_unet.sh"), "align", "toy", *flags, "--learning_rate", "5e-4",
-             "--lr_warmup_steps", "50", "--lora_dropout", "0.0", "--report_to", "none"], self.out)  # fmt: skip
-        self.timed("align_stage", start)
-        return self.out / "runs" / "align-toy" / "final"
+        flags += ["--learning_rate", "5e-4", "--lr_warmup_steps", "50", "--lora_dropout", "0.0", "--report_to", "none"]
+        return self.stage("align", "toy", flags) / "final"
 
     def reward(self, weight: str, align_final: Path) -> Path:
-        start = time.time()
-        name = f"toy-w{weight}"
         flags = self.stage_flags(self.scale.reward_steps, self.scale.reward_batch)
-        run(["bash", str(ROOT / "run_unet.sh"), "reward", name, *flags, "--init_from", str(align_final),
-             "--reward_model", str(self.world / "preference"), "--text_irrelevant_weight", weight,
-             "--guidance_scale", "3.0", "--learning_rate", "3e-4", "--lr_warmup_steps", "10", "--lora_dropout", "0.0",
-             "--report_to", "tensorboard"], self.out)  # fmt: skip
-        self.timed(f"reward_stage_w{weight}", start)
-        return self.out / "runs" / f"reward-{name}"
+        flags += ["--init_from", str(align_final), "--reward_model", str(self.world / "preference"),
+                  "--text_irrelevant_weight", weight, "--guidance_scale", "3.0", "--learning_rate", "3e-4",
+                  "--lr_warmup_steps", "10", "--lora_dropout", "0.0", "--report_to", "tensorboard"]  # fmt: skip
+        return self.stage("reward", f"toy-w{weight}", flags)
 
     def analysis(self) -> dict:
         start = time.time()
@@ -269,25 +288,33 @@ class Study:
 
     # -------------------------------------------------------------------------- all
     def run_all(self) -> None:
+        """Every step in order; on a rerun with the same --out, finished steps are skipped."""
         total = time.time()
         self.make()
-        self.results["analysis"] = self.analysis()
+        if not self.done("analysis"):
+            self.results["analysis"] = self.analysis()
         self.train_base()
-        self.results["base"] = self.evaluate("base", [], long=False)
+        self.evaluation("base", [], long=False)
         align_final = self.align()
-        self.results["aligned"] = self.evaluate("aligned", [align_final], long=True)
-        self.results["aligned_truncated"] = self.evaluate("aligned_truncated", [align_final], long=False)
-        self.save()
-        self.results["reward"] = {}
+        self.evaluation("aligned", [align_final], long=True)
+        self.evaluation("aligned_truncated", [align_final], long=False)
+        rewards = self.results.setdefault("reward", {})
         for weight in WEIGHTS:
             folder = self.reward(weight, align_final)
-            self.results["reward"][weight] = {"curves": tensorboard_scalars(folder / "logs")}
-            self.results["reward"][weight]["eval"] = self.evaluate(f"reward_w{weight}", [align_final, folder / "final"], long=True)
+            rewards.setdefault(weight, {})["curves"] = tensorboard_scalars(folder / "logs")
+            if "eval" not in rewards[weight]:
+                rewards[weight]["eval"] = self.evaluate(f"reward_w{weight}", [align_final, folder / "final"], long=True)
             self.save()
-        self.timed("total", total)
-        (self.report / "results.json").write_text(json.dumps(self.results, indent=2))
-        (self.report / "REPORT.md").write_text(write_report(self.results))
+        self.results["timings_s"]["total_this_run"] = round(time.time() - total, 1)
+        self.save()
+        write_report_files(self.results, self.report)
         log(f"report: {self.report / 'REPORT.md'}")
+
+    def evaluation(self, name: str, init_from: list[Path], long: bool) -> None:
+        """`self.results[name]` = `evaluate(...)` unless an earlier run saved it."""
+        if name not in self.results:
+            self.results[name] = self.evaluate(name, init_from, long)
+            self.save()
 
 
 # ------------------------------------------------------------------------------ report
@@ -308,6 +335,41 @@ def _curve_summary(curve: list[tuple[int, float]]) -> str:
     first = sum(v for _, v in curve[:k]) / len(curve[:k])
     last = sum(v for _, v in curve[-k:]) / len(curve[-k:])
     return f"{first:.3f} -> {last:.3f}"
+
+
+CURVES = {  # tensorboard tag -> panel title
+    "score": "reward x.t (w = 1)",
+    "score_text_relevant": "text-relevant x.t_perp",
+    "score_text_irrelevant": "text-irrelevant x.(eta V)",
+    "eta": "eta",
+    "text_relevant_norm": "|t_perp|",
+}
+
+
+def plot_curves(results: dict, path: Path) -> bool:
+    """One panel per logged quantity of the reward runs, one line per w, over optimizer steps.
+    Returns False (and writes nothing) when no reward run has logged yet."""
+    rewards = {w: r["curves"] for w, r in results.get("reward", {}).items() if r.get("curves")}
+    if not rewards:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
+    for axis, (tag, title) in zip(axes, CURVES.items()):
+        for weight, curves in rewards.items():
+            if curves.get(tag):
+                steps, values = zip(*curves[tag])
+                axis.plot(steps, values, label=f"w = {weight}")
+        axis.set_title(title)
+        axis.set_xlabel("step")
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return True
 
 
 def write_report(results: dict) -> str:
@@ -353,7 +415,7 @@ def write_report(results: dict) -> str:
         )
     lines += [
         "",
-        "Training curves (mean of the first -> last tenth of the logged steps):",
+        "Training curves (mean of the first -> last tenth of the logged steps; every step in `reward_curves.png`):",
         "",
         "| w | score | text-relevant | text-irrelevant | eta | abs(t_perp) |",
         "|---|---|---|---|---|---|",
@@ -393,6 +455,12 @@ def write_report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def write_report_files(results: dict, folder: Path) -> None:
+    """`REPORT.md` and, once a reward run has logged, `reward_curves.png` in `folder`."""
+    plot_curves(results, folder / "reward_curves.png")
+    (folder / "REPORT.md").write_text(write_report(results))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--report_only", default=None, help="rewrite REPORT.md from this results.json (e.g. of a cut-off run)")
@@ -402,8 +470,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.report_only:
-        results = json.loads(Path(args.report_only).read_text())
-        Path(args.report_only).with_name("REPORT.md").write_text(write_report(results))
+        write_report_files(json.loads(Path(args.report_only).read_text()), Path(args.report_only).parent)
         return
     Study(Path(args.out), SCALES[args.scale], args.device, args.seed).run_all()
 
