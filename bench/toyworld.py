@@ -1,7 +1,10 @@
 """The toy-world study (issue 7): the paper's claims reproduced on a small synthetic world.
 
-    python bench/toyworld.py                      # full study, writes bench/toyworld_report/REPORT.md
+    python bench/toyworld.py                      # full study, writes bench/toyworld_run/report/REPORT.md
     python bench/toyworld.py --scale smoke --out /tmp/toy   # every step for a few iterations (minutes on a CPU)
+
+Rerun the same command after an interruption: finished steps are skipped and a cut-off stage
+resumes from its last checkpoint (results so far are in report/results.json).
 
 Steps (each through the project's own code where the project has it):
 1. `longalign.toyworld.make`: data + model folders; the toy CLIP and VAE are trained.
