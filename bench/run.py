@@ -33,6 +33,7 @@ import gc
 import importlib
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -195,26 +196,28 @@ class MemoryMeter:
         """Memory in use now (CUDA allocated, or RSS): the baseline the peak is read against."""
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device) / GIB
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024 / GIB
-        except OSError:
-            pass
-        return float("nan")
+        return proc_status_gib("VmRSS")
 
     def peak_gib(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / GIB
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024 / GIB
-        except OSError:
-            pass
+        peak = proc_status_gib("VmHWM")
+        if not math.isnan(peak):
+            return peak
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
+def proc_status_gib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM, in kB) in GiB; NaN where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        pass
+    return float("nan")
 
 
 def is_oom(error: BaseException) -> bool:
