@@ -107,6 +107,7 @@ def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
 class Study:
     def __init__(self, out: Path, scale: Scale, device: str, seed: int):
+        out = out.resolve()  # the stages run with `out` as their working directory
         self.out, self.scale, self.device, self.seed = out, scale, device, seed
         self.world = out / "world"
         self.report = out / "report"

@@ -16,9 +16,12 @@ WEIGHTS = {"1", "0.3", "0"}
 
 
 def study(out: Path, *flags: str) -> subprocess.CompletedProcess:
+    """The smoke study into `out`, given as a path relative to its parent (as users type it)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, str(ROOT / "bench" / "toyworld.py"), "--scale", "smoke", "--out", str(out), *flags]
-    return subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    command = [sys.executable, str(ROOT / "bench" / "toyworld.py"), "--scale", "smoke", "--out", out.name, *flags]
+    return subprocess.run(
+        command, cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900
+    )
 
 
 def test_smoke_study_reports_both_claims_and_resumes_where_it_stopped(tmp_path):
