@@ -18,7 +18,10 @@ step (`torch.utils.flop_counter.FlopCounterMode`, counted on the first warm-up s
 checkpoint recomputation included) and, on a known GPU, the UNet's model FLOPs utilisation against
 the card's dense bf16 peak. Comparisons (each a ratio): the 480-token long-prompt context vs SD's
 standard 77-token context; truncated backprop (5 of 50 rollout steps) vs all 50; LCM 4-step vs
-UniPC 25-step sampling with CFG; the share of an align step spent in the frozen encoders.
+UniPC 25-step sampling with CFG; the share of an align step spent in the frozen encoders; the
+align step with one LoRA cost removed or one lever applied (`ALIGN_ABLATIONS`: LoRA dropout, peft's
+fp32 cast of each LoRA input, the LoRA itself, channels-last, autocast), to isolate where its time
+goes.
 
 Every measurement is guarded: an out-of-memory or any other error is recorded as the result and the
 run goes on. The JSON file (`--out`) is rewritten after every measurement; a markdown table is
@@ -453,6 +456,80 @@ class StageBench:
         release_memory(self.options.device)
 
 
+# Comparison 5: the align step with one cost removed or one lever applied, to isolate where its time
+# goes (BENCHMARKS.md: on an H200, half the kernel time was elementwise work and casts).
+ALIGN_ABLATIONS = {
+    "no_lora_dropout": "LoRA dropout replaced by identity",
+    "no_lora_input_cast": "peft's cast of each LoRA input to the fp32 LoRA weights' dtype disabled",
+    "lora_lean": "LoRA dropout off and LoRA input cast disabled",
+    "no_lora": "UNet LoRA disabled (the adapter still trains through the UNet's backward)",
+    "channels_last": "UNet in channels-last memory format (+ cudnn.benchmark on a GPU)",
+    "no_autocast": "UNet without accelerate's autocast: frozen path pure bf16 (norms, SiLU in bf16, not fp32), LoRA fp32 via peft's casts",
+}
+
+
+def ablation_missing(unet: torch.nn.Module, kind: str) -> str | None:
+    """Why `kind` cannot apply to this UNet (None if it can): `no_autocast` needs accelerate's wrapper."""
+    if kind == "no_autocast" and "_original_forward" not in vars(unet):
+        return "the UNet runs without autocast here (mixed precision 'no')"
+    return None
+
+
+@contextlib.contextmanager
+def align_ablation(unet: torch.nn.Module, kind: str) -> Any:
+    """Apply one of `ALIGN_ABLATIONS` to a peft-LoRA UNet for the block; restore it after.
+
+    The LoRA parameters stay the same objects (the optimizer keeps them) and their
+    `requires_grad` flags are restored, so the reference step runs unchanged afterwards.
+    """
+    from peft.helpers import disable_input_dtype_casting
+    from peft.tuners.lora import LoraLayer
+
+    if kind not in ALIGN_ABLATIONS:
+        raise ValueError(f"unknown align ablation '{kind}'")
+    missing = ablation_missing(unet, kind)
+    if missing:
+        raise ValueError(f"align ablation '{kind}' does not apply: {missing}")
+    lora_layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+    trainable = {p: p.requires_grad for p in unet.parameters()}
+    with contextlib.ExitStack() as stack:
+        if kind in ("no_lora_dropout", "lora_lean"):
+            saved = [(layer, dict(layer.lora_dropout.items())) for layer in lora_layers]
+            for layer, dropouts in saved:
+                for key in dropouts:
+                    layer.lora_dropout[key] = torch.nn.Identity()
+
+            def restore_dropout() -> None:
+                for layer, dropouts in saved:
+                    layer.lora_dropout.update(dropouts)
+
+            stack.callback(restore_dropout)
+        if kind in ("no_lora_input_cast", "lora_lean"):
+            stack.enter_context(disable_input_dtype_casting(unet))
+        if kind == "no_lora":
+            for layer in lora_layers:
+                layer.enable_adapters(False)
+
+            def restore_adapters() -> None:
+                for layer in lora_layers:
+                    layer.enable_adapters(True)
+                for param, flag in trainable.items():
+                    param.requires_grad_(flag)
+
+            stack.callback(restore_adapters)
+        if kind == "channels_last":
+            unet.to(memory_format=torch.channels_last)
+            stack.callback(lambda: unet.to(memory_format=torch.contiguous_format))
+            previous = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = True
+            stack.callback(lambda: setattr(torch.backends.cudnn, "benchmark", previous))
+        if kind == "no_autocast":  # accelerate keeps the unwrapped forward beside the autocast one
+            wrapped = vars(unet)["forward"]
+            unet.forward = vars(unet)["_original_forward"]
+            stack.callback(setattr, unet, "forward", wrapped)
+        yield
+
+
 def rollout_settings(steps: int, **overrides: Any):
     """The released rollout (50 DDIM steps, grad through 5 with stride 10, checkpointed), or a shorter
     one for smoke runs (`--reward-steps`, e.g. 10: grad through 5 with stride 2)."""
@@ -633,6 +710,7 @@ class Runner:
         if stage == "align":
             self.align_context77(bench, name, size, warmup, steps)
             self.encoder_shares(bench, name, size, steps)
+            self.align_ablations(bench, name, size, warmup, steps)
         if stage == "reward":
             self.reward_all_steps(bench, name, size, steps)
 
@@ -658,6 +736,29 @@ class Runner:
         self.record(record)
         self.compare("context_480_vs_77", "align step time, 480-token long-prompt context / SD's 77-token context", reference, name)
         self.compare("context_480_vs_77_unet_flops", "UNet FLOPs per align step, 480 / 77 tokens", reference, name, "unet_flops_per_step")
+
+    def align_ablations(self, bench: StageBench, reference: str, size: int, warmup: int, steps: int) -> None:
+        """Comparison 5: the align step with one LoRA cost removed or one lever applied (`ALIGN_ABLATIONS`)."""
+        options = self.options
+        unet = bench.accelerator.unwrap_model(bench.parts.unet)
+        batch = make_batch("align", size, options.resolution, options.seed)
+        for kind, label in ALIGN_ABLATIONS.items():
+            name = f"{reference}_{kind}"
+            record = self.base(name, "align", f"align step, {label}", size)
+            missing = ablation_missing(unet, kind)
+            if missing:
+                record.update(status="not_applicable", note=missing)
+                self.record(record)
+                continue
+
+            def body(kind: str = kind, name: str = name) -> dict[str, Any]:
+                with align_ablation(unet, kind):
+                    return measure(name, lambda seed: bench.step(batch, seed), size, max(warmup, 1), steps, options)
+
+            record.update(guarded(name, body, options))
+            bench.optimizer.zero_grad(set_to_none=True)
+            self.record(record)
+            self.compare(f"align_{kind}_vs_align", f"align step time, {label} / as trained", name, reference)
 
     def encoder_shares(self, bench: StageBench, reference: str, size: int, steps: int) -> None:
         """Comparison 4: time of the frozen encoders (VAE encode, segment CLIP, T5-large) per align batch."""
@@ -825,7 +926,7 @@ def fmt(value: Any, digits: int = 3) -> str:
 
 def summary_line(record: dict[str, Any]) -> str:
     if record.get("status") != "ok":
-        return f"  {record['name']}: {record.get('status')} {record.get('error', '')}"
+        return f"  {record['name']}: {record.get('status')} {record.get('error', record.get('note', ''))}"
     if "wall_seconds_total" in record:
         return f"  {record['name']}: {record['wall_seconds_total']} s total {record['wall_seconds_by_stage']}"
     return (
@@ -882,7 +983,7 @@ def parse_options(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     parser.add_argument("--batch-size", type=int, default=None, help="one batch size for every stage (default: paper sizes on a GPU, else 1 for sd15 / 2 for tiny)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 5 on a GPU, 3 on a CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 3 on a GPU, 1 on a CPU)")
-    parser.add_argument("--no-compare", action="store_true", help="skip the comparisons (77-token context, all-50 backprop, encoder shares)")
+    parser.add_argument("--no-compare", action="store_true", help="skip the comparisons (77-token context, all-50 backprop, encoder shares, align ablations)")
     parser.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
     parser.add_argument("--profile", nargs="*", default=None, help="profile one extra step of these stages (no names: all)")
     parser.add_argument("--fit-batch", action="store_true", help="on OOM, retry with halved batch sizes (on by default with --gpu-table)")

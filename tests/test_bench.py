@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.run import (
+    ALIGN_ABLATIONS,
     Recorder,
+    align_ablation,
     flop_counter,
     flops_by_module,
     markdown,
@@ -55,7 +57,11 @@ def test_tiny_run_reports_every_stage(tiny_run):
     assert run["date"] and run["command"].startswith("python bench/run.py --size tiny")
     results = {r["name"]: r for r in run["results"]}
     expected = {"align", "align_ctx77", "lcm", "reward", "reward_all50", "reward_all50_nockpt", "reward_lcm", "sample_lcm4", "sample_unipc25_cfg"}
+    expected |= {f"align_{kind}" for kind in ALIGN_ABLATIONS}
     assert set(results) == expected
+    # fp32 on a CPU: there is no autocast to take away, and the run says so instead of timing a copy
+    skipped = results.pop("align_no_autocast")
+    assert skipped["status"] == "not_applicable" and "mixed precision 'no'" in skipped["note"]
     for name, record in results.items():
         assert record["status"] == "ok", (name, record.get("error"))
         missing = [key for key in STEP_FIELDS if key not in record]
@@ -81,6 +87,11 @@ def test_flop_counts_follow_the_shapes(tiny_run):
     comparisons = {c["name"]: c for c in run["comparisons"]}
     for name in ("context_480_vs_77", "reward_all50_vs_5of50", "reward_all50_nockpt_vs_5of50", "sample_unipc25_vs_lcm4"):
         assert comparisons[name]["ratio"] is not None and comparisons[name]["ratio"] > 0, name
+    # Disabling the LoRA removes its FLOPs; dropping its dropout or input cast removes no FLOPs.
+    assert results["align_no_lora"]["unet_flops_per_step"] < results["align"]["unet_flops_per_step"]
+    for kind in ("no_lora_dropout", "no_lora_input_cast", "lora_lean", "channels_last"):
+        assert results[f"align_{kind}"]["unet_flops_per_step"] == results["align"]["unet_flops_per_step"], kind
+        assert comparisons[f"align_{kind}_vs_align"]["ratio"] > 0, kind
     shares = comparisons["align_frozen_encoders"]
     assert shares["status"] == "ok" and set(shares["seconds"]) == {"vae_encode", "segment_clip", "t5_large"}
     assert shares["share"]["total"] == pytest.approx(sum(shares["seconds"].values()) / shares["align_step_s"], rel=1e-2)
@@ -96,6 +107,73 @@ def test_flop_counter_counts_cpu_attention():
     with flop_counter() as counter:
         out.sum().backward()
     assert flops_by_module(counter)["total"] > forward
+
+
+def test_align_ablations_take_effect_and_are_undone(tiny_models):
+    """Each ablation changes what it names inside the block, and the UNet is as before after it."""
+    from diffusers import UNet2DConditionModel
+    from peft.tuners.lora import LoraLayer
+
+    from longalign.lora import LoraSettings, add_lora
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_models["sd15"], subfolder="unet").to(torch.bfloat16)
+    params = add_lora(unet, "align", LoraSettings(rank=4))
+    unet.train()
+    layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+    conv = next(m for m in unet.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.requires_grad is False)
+
+    def state() -> tuple:
+        return (
+            [type(layer.lora_dropout["align"]).__name__ for layer in layers],
+            [layer.cast_input_dtype_enabled for layer in layers],
+            [layer.disable_adapters for layer in layers],
+            [p.requires_grad for p in unet.parameters()],
+            conv.weight.is_contiguous(),
+            torch.backends.cudnn.benchmark,
+        )
+
+    before = state()
+    assert set(before[0]) == {"Dropout"} and all(before[1]) and not any(before[2]) and before[4]
+    for kind in set(ALIGN_ABLATIONS) - {"no_autocast"}:
+        with align_ablation(unet, kind):
+            dropouts, casts, disabled, grads, contiguous, _ = state()
+            assert (set(dropouts) == {"Identity"}) == (kind in ("no_lora_dropout", "lora_lean")), kind
+            assert (not any(casts)) == (kind in ("no_lora_input_cast", "lora_lean")), kind
+            assert all(disabled) == (kind == "no_lora") and (not any(p.requires_grad for p in params)) == (kind == "no_lora"), kind
+            assert conv.weight.is_contiguous(memory_format=torch.channels_last) == (kind == "channels_last"), kind
+            assert contiguous == (kind != "channels_last"), kind
+        assert state() == before, kind
+    with pytest.raises(ValueError, match="unknown align ablation"):
+        with align_ablation(unet, "no_such"):
+            pass
+    with pytest.raises(ValueError, match="does not apply"):
+        with align_ablation(unet, "no_autocast"):
+            pass
+
+
+def test_no_autocast_ablation_unwraps_accelerates_forward(tiny_models):
+    """Under the ablation the prepared UNet runs in its own dtype; after it, accelerate's autocast again."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_models["sd15"], subfolder="unet").to(torch.bfloat16)
+    config = unet.config
+    sample = torch.randn(1, config.in_channels, 8, 8, dtype=torch.bfloat16)
+    context = torch.randn(1, 77, config.cross_attention_dim, dtype=torch.bfloat16)
+    try:
+        unet = Accelerator(cpu=True, mixed_precision="bf16").prepare(unet)
+
+        def output_dtype() -> torch.dtype:
+            with torch.no_grad():
+                return unet(sample, 1, encoder_hidden_states=context).sample.dtype
+
+        assert output_dtype() == torch.float32  # accelerate's wrapper: autocast, outputs to fp32
+        with align_ablation(unet, "no_autocast"):
+            assert output_dtype() == torch.bfloat16
+        assert output_dtype() == torch.float32
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.mark.parametrize(
