@@ -2,6 +2,7 @@
 
     python bench/toyworld.py                      # full study, writes bench/toyworld_run/report/REPORT.md
     python bench/toyworld.py --scale smoke --out /tmp/toy   # every step for a few iterations (minutes on a CPU)
+    python bench/toyworld.py --seed 1 --out DIR --extend_reward 300   # then w = 1, 0.3 continued to 300 steps
 
 Rerun the same command after an interruption: finished steps are skipped and a cut-off stage
 resumes from its last checkpoint (results so far are in report/results.json).
@@ -17,6 +18,8 @@ Steps (each through the project's own code where the project has it):
    (same steps and seeds); oracle accuracy, hallucination, plain reward and its text-relevant /
    text-irrelevant parts on held-out captions, and eta, |t_perp| and the scores over training steps.
 5. The preference analysis (`python -m longalign.analyze_preference`) on held-out image/caption pairs.
+6. With `--extend_reward STEPS`: the w = 1 and w = 0.3 reward runs continued to STEPS optimizer
+   steps (does w = 0.3 only delay the reward hacking that w = 1 shows?), evaluated like step 4.
 
 The captions have no decimals or abbreviations, so the `legacy` segmenter (split at `.`) gives the
 same segments as pySBD (checked here) at a fraction of the cost; the stages run with it.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -42,6 +46,7 @@ from longalign import toyworld as tw  # noqa: E402
 from longalign import toyworld_models as tm  # noqa: E402
 
 WEIGHTS = ("1", "0.3", "0")
+EXTEND_WEIGHTS = ("1", "0.3")  # the plain reward and the paper's setting: does w = 0.3 only hack later?
 
 
 @dataclass
@@ -106,9 +111,12 @@ def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 class Study:
-    def __init__(self, out: Path, scale: Scale, device: str, seed: int):
+    def __init__(self, out: Path, scale: Scale, device: str, seed: int, extend_reward: int | None = None):
         out = out.resolve()  # the stages run with `out` as their working directory
         self.out, self.scale, self.device, self.seed = out, scale, device, seed
+        if extend_reward is not None and extend_reward <= scale.reward_steps:
+            raise SystemExit(f"--extend_reward {extend_reward}: must exceed the study's {scale.reward_steps} reward steps")
+        self.extend_steps = extend_reward
         self.world = out / "world"
         self.report = out / "report"
         self.report.mkdir(parents=True, exist_ok=True)
@@ -270,12 +278,35 @@ class Study:
         flags += ["--learning_rate", "5e-4", "--lr_warmup_steps", "50", "--lora_dropout", "0.0", "--report_to", "none"]
         return self.stage("align", "toy", flags) / "final"
 
-    def reward(self, weight: str, align_final: Path) -> Path:
-        flags = self.stage_flags(self.scale.reward_steps, self.scale.reward_batch)
+    def reward_flags(self, weight: str, steps: int, align_final: Path) -> list[str]:
+        flags = self.stage_flags(steps, self.scale.reward_batch)
         flags += ["--init_from", str(align_final), "--reward_model", str(self.world / "preference"),
                   "--text_irrelevant_weight", weight, "--guidance_scale", "3.0", "--learning_rate", "3e-4",
                   "--lr_warmup_steps", "10", "--lora_dropout", "0.0", "--report_to", "tensorboard"]  # fmt: skip
-        return self.stage("reward", f"toy-w{weight}", flags)
+        return flags
+
+    def reward(self, weight: str, align_final: Path) -> Path:
+        return self.stage("reward", f"toy-w{weight}", self.reward_flags(weight, self.scale.reward_steps, align_final))
+
+    def extend_reward(self, weight: str, align_final: Path) -> Path:
+        """The `weight` reward run continued to `self.extend_steps` steps, in a new run folder.
+
+        The folder starts from a copy of the original run's last checkpoint and logs, so no step is
+        trained twice. The learning rate is constant after warm-up and the data order resumes from
+        the checkpoint, so this is the run that `extend_steps` steps from the start would give.
+        """
+        from longalign.training import checkpoint_dirs
+
+        name = f"toy-w{weight}-to{self.extend_steps}"
+        target = self.out / "runs" / f"reward-{name}"
+        if not (target / "checkpoints").exists():
+            source = self.out / "runs" / f"reward-toy-w{weight}"
+            found = checkpoint_dirs(str(source))
+            if not found:
+                raise SystemExit(f"{source} has no checkpoint to continue from")
+            shutil.copytree(source / "logs", target / "logs")
+            shutil.copytree(found[-1], target / "checkpoints" / found[-1].name)
+        return self.stage("reward", name, self.reward_flags(weight, self.extend_steps, align_final))
 
     def analysis(self) -> dict:
         start = time.time()
@@ -309,10 +340,25 @@ class Study:
             if "eval" not in rewards[weight]:
                 rewards[weight]["eval"] = self.evaluate(f"reward_w{weight}", [align_final, folder / "final"], long=True)
             self.save()
+        if self.extend_steps:
+            self.run_extended(align_final)
         self.results["timings_s"]["total_this_run"] = round(time.time() - total, 1)
         self.save()
         write_report_files(self.results, self.report)
         log(f"report: {self.report / 'REPORT.md'}")
+
+    def run_extended(self, align_final: Path) -> None:
+        """Step 6: `EXTEND_WEIGHTS` continued to `extend_steps`, into `results["reward_extended"]`."""
+        extended = self.results.setdefault("reward_extended", {"steps": self.extend_steps, "runs": {}})
+        if extended["steps"] != self.extend_steps:
+            raise SystemExit(f"this study was extended to {extended['steps']} reward steps; pass --extend_reward {extended['steps']}")
+        for weight in EXTEND_WEIGHTS:
+            folder = self.extend_reward(weight, align_final)
+            run = extended["runs"].setdefault(weight, {})
+            run["curves"] = tensorboard_scalars(folder / "logs")
+            if "eval" not in run:
+                run["eval"] = self.evaluate(f"reward_w{weight}_to{self.extend_steps}", [align_final, folder / "final"], long=True)
+            self.save()
 
     def evaluation(self, name: str, init_from: list[Path], long: bool) -> None:
         """`self.results[name]` = `evaluate(...)` unless an earlier run saved it."""
@@ -350,10 +396,10 @@ CURVES = {  # tensorboard tag -> panel title
 }
 
 
-def plot_curves(results: dict, path: Path) -> bool:
-    """One panel per logged quantity of the reward runs, one line per w, over optimizer steps.
-    Returns False (and writes nothing) when no reward run has logged yet."""
-    rewards = {w: r["curves"] for w, r in results.get("reward", {}).items() if r.get("curves")}
+def plot_curves(runs: dict, path: Path) -> bool:
+    """One panel per logged quantity of reward runs (w -> {"curves": ...}), one line per w, over
+    optimizer steps. Returns False (and writes nothing) when no run has logged yet."""
+    rewards = {w: r["curves"] for w, r in runs.items() if r.get("curves")}
     if not rewards:
         return False
     import matplotlib
@@ -374,6 +420,35 @@ def plot_curves(results: dict, path: Path) -> bool:
     figure.savefig(path, dpi=80)
     plt.close(figure)
     return True
+
+
+def _claim2_row(per_seed: dict, *labels: object) -> str:
+    """One claim-2 table row: `labels`, then the first sampling seed's oracle metrics and reward parts."""
+    first = per_seed[next(iter(per_seed))]
+    p = first["preference"]
+    return (
+        f"| {' | '.join(map(str, labels))} | {first['after']['colour']:.3f} | {first['all']['colour_shape']:.3f} | {first['hallucination']:.3f} | "
+        f"{p['score']:.4f} | {p['text_relevant']:.4f} | {p['text_irrelevant']:.4f} |"
+    )
+
+
+def _curve_table(runs: dict, png: str) -> list[str]:
+    """The training-curve summary of reward runs (w -> {"curves": ...}) as markdown lines."""
+    lines = [
+        "",
+        f"Training curves (mean of the first -> last tenth of the logged steps; every step in `{png}`):",
+        "",
+        "| w | score | text-relevant | text-irrelevant | eta | abs(t_perp) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for w, r in runs.items():
+        c = r["curves"]
+        lines.append(
+            f"| {w} | {_curve_summary(c.get('score', []))} | {_curve_summary(c.get('score_text_relevant', []))} | "
+            f"{_curve_summary(c.get('score_text_irrelevant', []))} | {_curve_summary(c.get('eta', []))} | "
+            f"{_curve_summary(c.get('text_relevant_norm', []))} |"
+        )
+    return lines
 
 
 def write_report(results: dict) -> str:
@@ -410,27 +485,26 @@ def write_report(results: dict) -> str:
     ]
     rewards = {w: r for w, r in results.get("reward", {}).items() if "eval" in r}
     rows = [("align (no reward)", results["aligned"])] + [(f"w = {w}", r["eval"]) for w, r in rewards.items()]
-    for name, per_seed in rows:
-        first = per_seed[next(iter(per_seed))]
-        p = first["preference"]
-        lines.append(
-            f"| {name} | {first['after']['colour']:.3f} | {first['all']['colour_shape']:.3f} | {first['hallucination']:.3f} | "
-            f"{p['score']:.4f} | {p['text_relevant']:.4f} | {p['text_irrelevant']:.4f} |"
-        )
-    lines += [
-        "",
-        "Training curves (mean of the first -> last tenth of the logged steps; every step in `reward_curves.png`):",
-        "",
-        "| w | score | text-relevant | text-irrelevant | eta | abs(t_perp) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for w, r in rewards.items():
-        c = r["curves"]
-        lines.append(
-            f"| {w} | {_curve_summary(c.get('score', []))} | {_curve_summary(c.get('score_text_relevant', []))} | "
-            f"{_curve_summary(c.get('score_text_irrelevant', []))} | {_curve_summary(c.get('eta', []))} | "
-            f"{_curve_summary(c.get('text_relevant_norm', []))} |"
-        )
+    lines += [_claim2_row(per_seed, name) for name, per_seed in rows]
+    lines += _curve_table(rewards, "reward_curves.png")
+    extended = results.get("reward_extended", {})
+    finished = {w: r for w, r in extended.get("runs", {}).items() if "eval" in r}
+    if finished:
+        steps, first = extended["steps"], results["scale"]["reward_steps"]
+        lines += [
+            "",
+            f"### Continued to {steps} steps (`--extend_reward {steps}`)",
+            "",
+            f"The w = {', '.join(finished)} runs above, continued from their step-{first} checkpoints (same data order and learning rate).",
+            "",
+            "| w | steps | colour after 77 | colour+shape all | hallucination | reward x.t | text-relevant | text-irrelevant |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for w, r in finished.items():
+            if w in rewards:
+                lines.append(_claim2_row(rewards[w]["eval"], f"w = {w}", first))
+            lines.append(_claim2_row(r["eval"], f"w = {w}", steps))
+        lines += _curve_table(finished, f"reward_curves_to{steps}.png")
     analysis = results["analysis"]
     retrieval = analysis["retrieval"]
     lines += [
@@ -460,8 +534,12 @@ def write_report(results: dict) -> str:
 
 
 def write_report_files(results: dict, folder: Path) -> None:
-    """`REPORT.md` and, once a reward run has logged, `reward_curves.png` in `folder`."""
-    plot_curves(results, folder / "reward_curves.png")
+    """`REPORT.md` and, once reward runs have logged, `reward_curves.png` (and `reward_curves_toN.png`
+    for the continued runs) in `folder`."""
+    plot_curves(results.get("reward", {}), folder / "reward_curves.png")
+    extended = results.get("reward_extended")
+    if extended:
+        plot_curves(extended["runs"], folder / f"reward_curves_to{extended['steps']}.png")
     (folder / "REPORT.md").write_text(write_report(results))
 
 
@@ -472,11 +550,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", default="full", choices=sorted(SCALES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--extend_reward", type=int, default=None, metavar="STEPS",
+        help="then continue the w = 1 and w = 0.3 reward runs to STEPS optimizer steps and evaluate them",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.report_only:
         write_report_files(json.loads(Path(args.report_only).read_text()), Path(args.report_only).parent)
         return
-    Study(Path(args.out), SCALES[args.scale], args.device, args.seed).run_all()
+    Study(Path(args.out), SCALES[args.scale], args.device, args.seed, args.extend_reward).run_all()
 
 
 if __name__ == "__main__":

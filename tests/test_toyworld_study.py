@@ -24,6 +24,20 @@ def study(out: Path, *flags: str) -> subprocess.CompletedProcess:
     )
 
 
+def new_logged_steps(source: Path, target: Path) -> set[int]:
+    """Steps logged by `target`'s own training: its event files that are not copies of `source`'s."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    copied = {f.relative_to(source) for f in source.rglob("events.out.tfevents.*")}
+    steps: set[int] = set()
+    for event_file in target.rglob("events.out.tfevents.*"):
+        if event_file.relative_to(target) not in copied:
+            accumulator = EventAccumulator(str(event_file))
+            accumulator.Reload()
+            steps |= {e.step for tag in accumulator.Tags()["scalars"] for e in accumulator.Scalars(tag)}
+    return steps
+
+
 def test_smoke_study_reports_both_claims_and_resumes_where_it_stopped(tmp_path):
     out = tmp_path / "study"
     first = study(out)
@@ -60,3 +74,20 @@ def test_smoke_study_reports_both_claims_and_resumes_where_it_stopped(tmp_path):
     other = study(out, "--seed", "1")  # another study into the same folder is refused, nothing touched
     assert other.returncode != 0 and "another scale or seed" in other.stdout
     assert json.loads((report / "results.json").read_text()) == resumed
+
+    # w = 1 and 0.3 continued from their step-2 checkpoints to 4 steps: only steps 3 and 4 train.
+    longer = study(out, "--extend_reward", "4")
+    assert longer.returncode == 0, longer.stdout[-4000:]
+    assert longer.stdout.count("run_unet.sh reward done") == 2
+    extended = json.loads((report / "results.json").read_text())["reward_extended"]
+    assert extended["steps"] == 4 and set(extended["runs"]) == {"1", "0.3"}
+    for weight, run in extended["runs"].items():
+        assert [step for step, _ in run["curves"]["score"]] == [1, 2, 3, 4], weight  # logs of steps 1-2 carried over
+        assert run["curves"]["score"][:2] == resumed["reward"][weight]["curves"]["score"], weight
+        assert set(run["eval"]["0"]["preference"]) == {"score", "text_relevant", "text_irrelevant"}
+        assert new_logged_steps(out / "runs" / f"reward-toy-w{weight}", out / "runs" / f"reward-toy-w{weight}-to4") == {3, 4}
+    text = (report / "REPORT.md").read_text()
+    assert "### Continued to 4 steps" in text and "| w = 0.3 | 2 |" in text and "| w = 0.3 | 4 |" in text
+    assert (report / "reward_curves_to4.png").stat().st_size > 0
+    refused = study(out, "--extend_reward", "2")
+    assert refused.returncode != 0 and "must exceed" in refused.stdout
