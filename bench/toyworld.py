@@ -2,7 +2,7 @@
 
     python bench/toyworld.py                      # full study, writes bench/toyworld_run/report/REPORT.md
     python bench/toyworld.py --scale smoke --out /tmp/toy   # every step for a few iterations (minutes on a CPU)
-    python bench/toyworld.py --seed 1 --out DIR --extend_reward 300   # then w = 1, 0.3 continued to 300 steps
+    python bench/toyworld.py --seed 1 --out DIR --extend_reward 250   # then w = 1, 0.3 continued to 250 steps
 
 Rerun the same command after an interruption: finished steps are skipped and a cut-off stage
 resumes from its last checkpoint (results so far are in report/results.json).
@@ -299,13 +299,16 @@ class Study:
 
         name = f"toy-w{weight}-to{self.extend_steps}"
         target = self.out / "runs" / f"reward-{name}"
-        if not (target / "checkpoints").exists():
+        if not checkpoint_dirs(str(target)) and not (target / "final").exists():
             source = self.out / "runs" / f"reward-toy-w{weight}"
             found = checkpoint_dirs(str(source))
             if not found:
                 raise SystemExit(f"{source} has no checkpoint to continue from")
-            shutil.copytree(source / "logs", target / "logs")
-            shutil.copytree(found[-1], target / "checkpoints" / found[-1].name)
+            shutil.copytree(source / "logs", target / "logs", dirs_exist_ok=True)
+            partial = target / "checkpoints" / f".copy_{found[-1].name}"  # not a checkpoint until renamed
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(found[-1], partial)
+            partial.rename(partial.with_name(found[-1].name))
         return self.stage("reward", name, self.reward_flags(weight, self.extend_steps, align_final))
 
     def analysis(self) -> dict:
