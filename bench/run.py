@@ -491,7 +491,6 @@ def align_ablation(unet: torch.nn.Module, kind: str) -> Any:
     if missing:
         raise ValueError(f"align ablation '{kind}' does not apply: {missing}")
     lora_layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
-    trainable = {p: p.requires_grad for p in unet.parameters()}
     with contextlib.ExitStack() as stack:
         if kind in ("no_lora_dropout", "lora_lean"):
             saved = [(layer, dict(layer.lora_dropout.items())) for layer in lora_layers]
@@ -507,6 +506,7 @@ def align_ablation(unet: torch.nn.Module, kind: str) -> Any:
         if kind in ("no_lora_input_cast", "lora_lean"):
             stack.enter_context(disable_input_dtype_casting(unet))
         if kind == "no_lora":
+            trainable = {p: p.requires_grad for p in unet.parameters()}
             for layer in lora_layers:
                 layer.enable_adapters(False)
 
