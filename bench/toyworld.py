@@ -2,7 +2,7 @@
 
     python bench/toyworld.py                      # full study, writes bench/toyworld_run/report/REPORT.md
     python bench/toyworld.py --scale smoke --out /tmp/toy   # every step for a few iterations (minutes on a CPU)
-    python bench/toyworld.py --seed 1 --out DIR --extend_reward 250   # then w = 1, 0.3 continued to 250 steps
+    python bench/toyworld.py --seed 1 --out DIR --extend_reward 250   # then w = 1, 0.3, auto continued to 250 steps
 
 Rerun the same command after an interruption: finished steps are skipped and a cut-off stage
 resumes from its last checkpoint (results so far are in report/results.json).
@@ -15,11 +15,11 @@ Steps (each through the project's own code where the project has it):
    (`run_unet.sh align`, segment-level CLIP encoding, `--encoder_mode clip`) — oracle accuracy of
    facts stated before / across / after token 77, over two sampling seeds.
 4. Claim 2 (paper §4): `run_unet.sh reward` with the toy CLIP as preference model at w = 1, 0.3, 0
-   (same steps and seeds); oracle accuracy, hallucination, plain reward and its text-relevant /
+   and `auto` (w = 0.4 sqrt(1 - eta^2) / eta per batch, METHOD.md §4; same steps and seeds); oracle accuracy, hallucination, plain reward and its text-relevant /
    text-irrelevant parts on held-out captions, and eta, |t_perp| and the scores over training steps.
 5. The preference analysis (`python -m longalign.analyze_preference`) on held-out image/caption pairs.
-6. With `--extend_reward STEPS`: the w = 1 and w = 0.3 reward runs continued to STEPS optimizer
-   steps (does w = 0.3 only delay the reward hacking that w = 1 shows?), evaluated like step 4.
+6. With `--extend_reward STEPS`: the w = 1, 0.3 and auto reward runs continued to STEPS optimizer
+   steps (does a w < 1 only delay the reward hacking that w = 1 shows?), evaluated like step 4.
 
 The captions have no decimals or abbreviations, so the `legacy` segmenter (split at `.`) gives the
 same segments as pySBD (checked here) at a fraction of the cost; the stages run with it.
@@ -45,8 +45,9 @@ sys.path.insert(0, str(ROOT))
 from longalign import toyworld as tw  # noqa: E402
 from longalign import toyworld_models as tm  # noqa: E402
 
-WEIGHTS = ("1", "0.3", "0")
-EXTEND_WEIGHTS = ("1", "0.3")  # the plain reward and the paper's setting: does w = 0.3 only hack later?
+WEIGHTS = ("1", "0.3", "0", "auto")
+# the plain reward, the paper's setting and the eta-matched weight: which of them only hack later?
+EXTEND_WEIGHTS = ("1", "0.3", "auto")
 
 
 @dataclass
@@ -396,6 +397,7 @@ CURVES = {  # tensorboard tag -> panel title
     "score_text_irrelevant": "text-irrelevant x.(eta V)",
     "eta": "eta",
     "text_relevant_norm": "|t_perp|",
+    "text_irrelevant_weight": "w used",
 }
 
 
@@ -441,13 +443,13 @@ def _curve_table(runs: dict, png: str) -> list[str]:
         "",
         f"Training curves (mean of the first -> last tenth of the logged steps; every step in `{png}`):",
         "",
-        "| w | score | text-relevant | text-irrelevant | eta | abs(t_perp) |",
-        "|---|---|---|---|---|---|",
+        "| w | w used | score | text-relevant | text-irrelevant | eta | abs(t_perp) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for w, r in runs.items():
         c = r["curves"]
         lines.append(
-            f"| {w} | {_curve_summary(c.get('score', []))} | {_curve_summary(c.get('score_text_relevant', []))} | "
+            f"| {w} | {_curve_summary(c.get('text_irrelevant_weight', []))} | {_curve_summary(c.get('score', []))} | {_curve_summary(c.get('score_text_relevant', []))} | "
             f"{_curve_summary(c.get('score_text_irrelevant', []))} | {_curve_summary(c.get('eta', []))} | "
             f"{_curve_summary(c.get('text_relevant_norm', []))} |"
         )
@@ -555,7 +557,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--extend_reward", type=int, default=None, metavar="STEPS",
-        help="then continue the w = 1 and w = 0.3 reward runs to STEPS optimizer steps and evaluate them",
+        help="then continue the w = 1, 0.3 and auto reward runs to STEPS optimizer steps and evaluate them",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.report_only:

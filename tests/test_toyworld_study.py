@@ -11,8 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from longalign.reward import auto_text_irrelevant_weight
+
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = {"1", "0.3", "0"}
+WEIGHTS = {"1", "0.3", "0", "auto"}
+EXTENDED = {"1", "0.3", "auto"}
 
 
 def study(out: Path, *flags: str) -> subprocess.CompletedProcess:
@@ -51,7 +56,11 @@ def test_smoke_study_reports_both_claims_and_resumes_where_it_stopped(tmp_path):
         assert {"score", "score_text_relevant", "score_text_irrelevant", "eta", "text_relevant_norm"} <= set(run["curves"])
         assert [step for step, _ in run["curves"]["score"]] == [1, 2], weight  # smoke: 2 optimizer steps
         assert set(run["eval"]["0"]["preference"]) == {"score", "text_relevant", "text_irrelevant"}
+    auto = results["reward"]["auto"]["curves"]  # w = auto follows each step's eta (METHOD.md §4)
+    for (_, eta), (_, used) in zip(auto["eta"], auto["text_irrelevant_weight"], strict=True):
+        assert used == pytest.approx(auto_text_irrelevant_weight(eta), rel=1e-4)
     text = (report / "REPORT.md").read_text()
+    assert "| w | w used | score |" in text
     for weight in WEIGHTS:
         assert f"| w = {weight} |" in text and f"\n| {weight} | " in text
     assert (report / "reward_curves.png").stat().st_size > 0 and (report / "reward_w0.3.png").exists()
@@ -75,12 +84,12 @@ def test_smoke_study_reports_both_claims_and_resumes_where_it_stopped(tmp_path):
     assert other.returncode != 0 and "another scale or seed" in other.stdout
     assert json.loads((report / "results.json").read_text()) == resumed
 
-    # w = 1 and 0.3 continued from their step-2 checkpoints to 4 steps: only steps 3 and 4 train.
+    # w = 1, 0.3 and auto continued from their step-2 checkpoints to 4 steps: only steps 3 and 4 train.
     longer = study(out, "--extend_reward", "4")
     assert longer.returncode == 0, longer.stdout[-4000:]
-    assert longer.stdout.count("run_unet.sh reward done") == 2
+    assert longer.stdout.count("run_unet.sh reward done") == len(EXTENDED)
     extended = json.loads((report / "results.json").read_text())["reward_extended"]
-    assert extended["steps"] == 4 and set(extended["runs"]) == {"1", "0.3"}
+    assert extended["steps"] == 4 and set(extended["runs"]) == EXTENDED
     for weight, run in extended["runs"].items():
         assert [step for step, _ in run["curves"]["score"]] == [1, 2, 3, 4], weight  # logs of steps 1-2 carried over
         assert run["curves"]["score"][:2] == resumed["reward"][weight]["curves"]["score"], weight
