@@ -600,7 +600,7 @@ class CommonDirection:
       processes with `accelerator.gather`); identical on every rank.
     - `ema`: an exponential moving average (decay `ema_decay`) of the gathered batch means
       across steps, normalised; `state_dict()` / `load_state_dict()` make it checkpointable
-      (`accelerator.register_for_checkpointing(direction)`).
+      (the training loop keeps it in `training_state.json` through `Stage.stateful`).
     - `file`: a fixed V read from safetensors (`compute_common_direction(..., path=...)`).
     A global batch of one prompt in `batch` mode warns once: V is then that prompt's own direction
     and the text-relevant part is zero.
@@ -733,7 +733,7 @@ class DecomposedReward:
     `__call__(images (B, 3, H, W) in [0, 1], prompts, generator)` -> `(loss, logs)` as
     `decomposed_reward`. `w` and the modes are validated at construction, so a bad flag fails before
     any training. `state_dict` / `load_state_dict` carry the `ema` direction for checkpoints
-    (`accelerator.register_for_checkpointing(reward)`).
+    (`Stage.stateful` in the training loop).
     """
 
     def __init__(

@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STATE_FILE = "training_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -207,50 +209,73 @@ def prepare_output_dir(args: TrainingArguments, accelerator: Accelerator) -> Pat
     return path
 
 
-def register_trainable_checkpointing(accelerator: Accelerator, models: list[nn.Module]) -> None:
-    """Make accelerate's checkpoints hold only the trainable tensors (LoRA, adapter), in safetensors.
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that train in `model` (LoRA, adapter), by parameter name, on the CPU."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
-    The frozen base weights are reloaded from the model folders, so a checkpoint stays small.
+
+def flatten_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """An optimizer `state_dict()` -> (tensors, metadata) of one safetensors file.
+
+    Per-parameter tensors (AdamW: `step`, `exp_avg`, `exp_avg_sq`) are keyed `state.{id}.{name}`;
+    the param groups and any non-tensor per-parameter value go into the header as JSON.
+    `unflatten_optimizer_state` is the exact inverse.
     """
-
-    def save_hook(prepared: list[nn.Module], weights: list, output_dir: str) -> None:
-        for index, model in enumerate(prepared):
-            state = {n: p.detach().cpu().contiguous() for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-            save_file(state, os.path.join(output_dir, f"trainable_{index}.safetensors"))
-        weights.clear()
-
-    def load_hook(prepared: list[nn.Module], input_dir: str) -> None:
-        for index in range(len(prepared)):
-            model = accelerator.unwrap_model(prepared.pop(0))
-            state = load_file(os.path.join(input_dir, f"trainable_{index}.safetensors"))
-            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-            if set(state) != trainable:
-                raise UserError(f"checkpoint '{input_dir}' does not match this run's trainable parameters (model {index})")
-            missing = model.load_state_dict(state, strict=False).unexpected_keys
-            if missing:
-                raise UserError(f"checkpoint '{input_dir}' has unexpected keys: {missing[:3]}")
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+    tensors: dict[str, torch.Tensor] = {}
+    other: dict[str, dict[str, Any]] = {}
+    for param_id, values in state_dict["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{param_id}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                other.setdefault(str(param_id), {})[name] = value
+    metadata = {"param_groups": json.dumps(state_dict["param_groups"]), "other_state": json.dumps(other)}
+    return tensors, metadata
 
 
-def save_checkpoint(accelerator: Accelerator, args: TrainingArguments, step: int, state: dict[str, Any]) -> None:
-    """Write `checkpoints/step_N` atomically: save into a temporary folder, then rename it.
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, Any]:
+    """(tensors, metadata) of `flatten_optimizer_state` -> the optimizer `state_dict()` again."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, param_id, name = key.split(".", 2)
+        state.setdefault(int(param_id), {})[name] = value
+    for param_id, values in json.loads(metadata["other_state"]).items():
+        state.setdefault(int(param_id), {}).update(values)
+    return {"state": state, "param_groups": json.loads(metadata["param_groups"])}
 
-    A crash mid-save leaves only the temporary folder, which `checkpoint_dirs` ignores, so the
-    previous checkpoint stays the latest usable one. Old checkpoints beyond the limit are pruned.
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    args: TrainingArguments,
+    step: int,
+    modules: list[nn.Module],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    state: dict[str, Any],
+) -> None:
+    """Write `checkpoints/step_N` atomically, in safetensors and JSON only (no pickles).
+
+    Files: `trainable_{i}.safetensors` (the trainable tensors of `modules[i]`; the frozen base is
+    reloaded from the model folders, so a checkpoint stays small), `optimizer.safetensors`
+    (`flatten_optimizer_state`) and `training_state.json` (`state` plus the LR scheduler's and,
+    with fp16, the grad scaler's state). No RNG state is needed: every micro-step reseeds from
+    `step_seed`. DDP ranks hold identical weights and optimizer state, so the main process writes
+    everything into a temporary folder and renames it; a crash mid-save leaves only the temporary
+    folder, which `checkpoint_dirs` ignores. Old checkpoints beyond the limit are pruned.
     """
-    root = Path(args.output_dir) / "checkpoints"
-    final = root / f"step_{step:07d}"
-    temporary = root / f".tmp_step_{step:07d}"
     if accelerator.is_main_process:
+        root = Path(args.output_dir) / "checkpoints"
+        final = root / f"step_{step:07d}"
+        temporary = root / f".tmp_step_{step:07d}"
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (temporary / STATE_FILE).write_text(json.dumps(state, indent=2))
+        for index, module in enumerate(modules):
+            save_file(trainable_state(accelerator.unwrap_model(module)), temporary / f"trainable_{index}.safetensors")
+        tensors, metadata = flatten_optimizer_state(optimizer.state_dict())
+        save_file(tensors, temporary / OPTIMIZER_FILE, metadata=metadata)
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        full_state = {**state, "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": scaler}
+        (temporary / STATE_FILE).write_text(json.dumps(full_state, indent=2))  # written last: marks it complete
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)
         complete = checkpoint_dirs(args.output_dir)
@@ -258,6 +283,39 @@ def save_checkpoint(accelerator: Accelerator, args: TrainingArguments, step: int
             for old in complete[: max(len(complete) - args.checkpoints_total_limit, 0)]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def load_checkpoint(
+    accelerator: Accelerator,
+    path: Path,
+    modules: list[nn.Module],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+) -> dict[str, Any]:
+    """Restore what `save_checkpoint` wrote into this run's modules, optimizer, scheduler and scaler.
+
+    A checkpoint whose trainable tensors differ from this run's (another stage, rank or model) or
+    that lacks a file is a `UserError`. Returns the saved `training_state.json`.
+    """
+    names = [f"trainable_{index}.safetensors" for index in range(len(modules))] + [OPTIMIZER_FILE]
+    missing = [name for name in names if not (path / name).exists()]
+    if missing:
+        raise UserError(f"checkpoint '{path}' has no {missing[0]}: it is incomplete or was written by another version")
+    for index, module in enumerate(modules):
+        model = accelerator.unwrap_model(module)
+        state = load_file(path / f"trainable_{index}.safetensors")
+        expected = trainable_state(model)
+        if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
+            raise UserError(f"checkpoint '{path}' does not match this run's trainable parameters (model {index})")
+        model.load_state_dict(state, strict=False)
+    with safe_open(path / OPTIMIZER_FILE, framework="pt") as file:
+        tensors = {key: file.get_tensor(key) for key in file.keys()}
+        optimizer.load_state_dict(unflatten_optimizer_state(tensors, file.metadata()))
+    saved = json.loads((path / STATE_FILE).read_text())
+    lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    if accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(saved["grad_scaler"])
+    return saved
 
 
 # ------------------------------------------------------------------------------ validation
@@ -435,7 +493,6 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
     params, optimizer, lr_scheduler = prepare_optimization(accelerator, args, stage)
     prepared_modules = list(stage.trainable.values())
     parts, stateful = stage.parts, stage.stateful
-    register_trainable_checkpointing(accelerator, prepared_modules)
 
     sampler = ResumableSampler(len(dataset), args.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     loader = make_dataloader(dataset, sampler, args.train_batch_size, args.dataloader_num_workers)
@@ -445,8 +502,7 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
 
     state = {"global_step": 0, "micro_step": 0, "nonfinite_in_a_row": 0}
     if resume is not None:
-        accelerator.load_state(str(resume))
-        saved = json.loads((resume / STATE_FILE).read_text())
+        saved = load_checkpoint(accelerator, resume, prepared_modules, optimizer, lr_scheduler)
         sampler.load_state_dict(saved["sampler"])
         monitor.load_state_dict(saved["bad_rows"])
         state.update({k: saved[k] for k in state})
@@ -519,7 +575,7 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
                     "bad_rows": monitor.state_dict(),
                     "stateful": {name: _jsonable(obj.state_dict()) for name, obj in stateful.items()},
                 }
-                save_checkpoint(accelerator, args, step, full_state)
+                save_checkpoint(accelerator, args, step, prepared_modules, optimizer, lr_scheduler, full_state)
             if args.validation_steps and step % args.validation_steps == 0 and step != max_steps:
                 validate(accelerator, args, parts, stage.validation, step)
             if step >= max_steps:

@@ -194,3 +194,9 @@ def test_two_processes_on_cpu(tmp_path, tiny_models, dataset):
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["num_processes"] == 2, result.stdout[-2000:]
     assert (out / "final" / "pytorch_lora_weights.safetensors").exists()
+    # Only the main process writes a checkpoint; every rank must load it, or the ranks' weights and
+    # AdamW moments part ways and the run's closing rank-agreement check fails.
+    cmd = align_cmd(tiny_models, dataset, out, 3, "--cpu", "--resume_from", "latest")[1:]
+    result = run([*launch, *cmd], tmp_path, env={"ACCELERATE_USE_CPU": "true"})
+    state = json.loads((out / "checkpoints" / "step_0000003" / "training_state.json").read_text())
+    assert state["global_step"] == 3, result.stdout[-2000:]

@@ -1,6 +1,7 @@
-"""The shared loop's guard rails, in-process: non-finite losses and argument checks (issue 5)."""
+"""The shared loop in-process: non-finite losses, argument checks, safetensors-only checkpoints (issue 5)."""
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,24 +10,50 @@ from torch import nn
 from longalign.config import AlignArguments, ModelArguments, RewardArguments
 from longalign.data import CaptionDataset, DataSettings
 from longalign.loading import UserError
-from longalign.training import Stage, StageParts, make_accelerator, run_training
+from longalign.training import (
+    OPTIMIZER_FILE,
+    Stage,
+    StageParts,
+    flatten_optimizer_state,
+    make_accelerator,
+    run_training,
+    unflatten_optimizer_state,
+)
 
 
 class StopTraining(Exception):
     pass
 
 
-def tiny_loop(tmp_path, loss_fn, max_nonfinite_steps):
-    args = AlignArguments(
+def tiny_loop(tmp_path, loss_fn, max_nonfinite_steps=5, module=None, **overrides):
+    """Run the real loop on a small module and a caption-only dataset; returns the trained module."""
+    settings = dict(
         output_dir=str(tmp_path / "run"), dataset="unused.jsonl", train_batch_size=2, gradient_accumulation_steps=1,
         mixed_precision="no", report_to="none", dataloader_num_workers=0, max_train_steps=10, cpu=True,
         max_nonfinite_steps=max_nonfinite_steps, validation_prompts=[],
     )  # fmt: skip
+    args = AlignArguments(**(settings | overrides))
     table = [{"path": f"{i}.png", "caption": f"caption {i}"} for i in range(8)]
-    parts = StageParts(unet=nn.Linear(3, 3), vae=None, encoder=None, noise_scheduler=None, weight_dtype=torch.float32)
+    torch.manual_seed(0)
+    unet = module if module is not None else nn.Linear(3, 3)
+    parts = StageParts(unet=unet, vae=None, encoder=None, noise_scheduler=None, weight_dtype=torch.float32)
     stage = Stage("test", parts, {"unet": parts.unet}, loss_fn)
     dataset = CaptionDataset(table, DataSettings(dataset="unused.jsonl"))
     run_training(ModelArguments(), args, make_accelerator(args), stage, dataset)
+    return parts.unet
+
+
+@pytest.fixture
+def no_final(monkeypatch):
+    """These loops train a bare nn.Linear, which has no LoRA for `final/`; checkpoints are the subject."""
+    monkeypatch.setattr("longalign.training.write_final", lambda *args: None)
+
+
+def data_and_noise_loss(parts, batch, generator):
+    """A loss that depends on the data order and on the micro-step's noise, as the stages' do."""
+    rows = batch["index"].float()[:, None].expand(-1, 3)
+    noise = torch.randn(rows.shape, generator=generator)
+    return parts.unet(rows + noise).pow(2).mean(), {}
 
 
 def test_nonfinite_losses_are_skipped_then_stop(tmp_path, caplog):
@@ -58,3 +85,55 @@ def test_stage_arguments_are_checked():
         AlignArguments(resume_from="latest", overwrite=True)
     assert RewardArguments().train_batch_size == 8 and RewardArguments().text_irrelevant_weight == "0.3"
     assert AlignArguments().learning_rate == 3e-5 and AlignArguments().max_grad_norm == 0.3
+
+
+def test_optimizer_state_round_trips_through_safetensors(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99))
+    for _ in range(2):
+        model(torch.randn(4, 3)).square().mean().backward()
+        optimizer.step()
+    state = optimizer.state_dict()
+    state["state"][0]["note"] = "kept"  # a non-tensor per-parameter value travels in the header
+    tensors, metadata = flatten_optimizer_state(state)
+    save_file(tensors, tmp_path / "optimizer.safetensors", metadata=metadata)
+    with safe_open(tmp_path / "optimizer.safetensors", framework="pt") as file:
+        restored = unflatten_optimizer_state({k: file.get_tensor(k) for k in file.keys()}, file.metadata())
+    assert restored["state"].keys() == state["state"].keys()
+    for param_id, values in state["state"].items():
+        assert restored["state"][param_id].keys() == values.keys()
+        for name, value in values.items():
+            same = torch.equal(restored["state"][param_id][name], value) if torch.is_tensor(value) else restored["state"][param_id][name] == value
+            assert same, (param_id, name)
+    assert [tuple(g["betas"]) for g in restored["param_groups"]] == [(0.9, 0.99)]
+    del restored["state"][0]["note"]
+    torch.optim.AdamW(model.parameters(), lr=1.0).load_state_dict(restored)  # loads into a fresh optimizer
+
+
+def test_checkpoints_hold_only_safetensors_and_json_and_resume_exactly(tmp_path, no_final):
+    flags = dict(checkpointing_steps=2, learning_rate=0.1, lr_warmup_steps=3)  # steps 1-3 each have another LR
+    straight = tiny_loop(tmp_path / "straight", data_and_noise_loss, max_train_steps=4, **flags)
+    tiny_loop(tmp_path / "resumed", data_and_noise_loss, max_train_steps=2, **flags)
+    checkpoint = tmp_path / "resumed" / "run" / "checkpoints" / "step_0000002"
+    files = sorted(path.name for path in checkpoint.iterdir())
+    assert files == ["optimizer.safetensors", "trainable_0.safetensors", "training_state.json"]
+    resumed = tiny_loop(tmp_path / "resumed", data_and_noise_loss, max_train_steps=4, resume_from="latest", **flags)
+    torch.manual_seed(0)
+    initial = nn.Linear(3, 3).state_dict()
+    for name, value in straight.state_dict().items():  # the warmup LR and AdamW moments were restored
+        assert not torch.equal(value, initial[name]), name
+        assert torch.equal(value, resumed.state_dict()[name]), name
+    every_file = [p for p in Path(tmp_path).rglob("checkpoints/*/*")]
+    assert every_file and all(p.suffix in (".safetensors", ".json") for p in every_file)
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, no_final):
+    tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=2, checkpointing_steps=2)
+    with pytest.raises(UserError, match="does not match this run's trainable parameters"):
+        tiny_loop(tmp_path, data_and_noise_loss, module=nn.Linear(3, 4), max_train_steps=4, resume_from="latest")
+    (tmp_path / "run" / "checkpoints" / "step_0000002" / OPTIMIZER_FILE).unlink()
+    with pytest.raises(UserError, match=f"has no {OPTIMIZER_FILE}"):
+        tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=4, resume_from="latest")
