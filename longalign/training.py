@@ -436,6 +436,12 @@ def check_ranks_agree(accelerator: Accelerator, params: list[torch.Tensor]) -> N
 
 # ---------------------------------------------------------------------------------- the loop
 
+def every_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True when `flag` holds on every process (one gather; every process must call it)."""
+    flags = accelerator.gather(torch.tensor([float(flag)], device=accelerator.device))  # (P,)
+    return bool(flags.min())
+
+
 def step_seed(seed: int, micro_step: int, rank: int) -> int:
     """The seed of one micro-step on one rank (noise, timesteps, dropout): a pure function."""
     return (seed * 1_000_003 + micro_step * 1_009 + rank) % (2**63 - 1)
@@ -526,12 +532,12 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
             torch.manual_seed(seed)  # LoRA / adapter dropout
             generator = torch.Generator().manual_seed(seed)
             with accelerator.accumulate(*prepared_modules):
-                has_rows = bool(batch["caption"])  # every row of a batch can be bad (skipped)
-                loss, logs = stage.loss_fn(parts, batch, generator) if has_rows else (None, {})
-                finite = has_rows and bool(torch.isfinite(loss.detach()))
-                # (rows, finite) of every rank: all step together, or all skip this micro-step
-                flags = accelerator.gather(torch.tensor([[has_rows, finite]], dtype=torch.float32, device=accelerator.device))
-                all_rows, all_finite = bool(flags[:, 0].min()), bool(flags[:, 1].min())
+                # Every row of a batch can be bad (skipped). All ranks step together or all skip, and
+                # they decide before the loss: a loss can make collective calls (the reward stages'
+                # common direction), which every rank must join.
+                all_rows = every_rank(accelerator, bool(batch["caption"]))
+                loss, logs = stage.loss_fn(parts, batch, generator) if all_rows else (None, {})
+                all_finite = all_rows and every_rank(accelerator, bool(torch.isfinite(loss.detach())))
                 grad_norm = None
                 if all_rows and all_finite:
                     accelerator.backward(loss)

@@ -137,3 +137,31 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, no_final):
     (tmp_path / "run" / "checkpoints" / "step_0000002" / OPTIMIZER_FILE).unlink()
     with pytest.raises(UserError, match=f"has no {OPTIMIZER_FILE}"):
         tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=4, resume_from="latest")
+
+
+def test_a_rank_without_usable_rows_skips_the_micro_step_with_the_others(tmp_path):
+    """One rank's batch is all bad rows while the other's is not, and the loss makes a collective
+    call: every rank must skip that micro-step together, before the loss, or the collectives pair
+    up wrongly (gloo aborts, NCCL hangs)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+        str(root / "tests" / "_uneven_rows_loop.py"), str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("skipped: a batch had no usable rows") == 4  # 2 epochs x 2 ranks
+    first, second = (load_file(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)

@@ -1,0 +1,44 @@
+"""Helper for tests/test_training_loop.py: run under `accelerate launch --multi_gpu --num_processes 2` on CPU.
+
+The shared loop on a bare nn.Linear with batch size 1 over four captions, one of them empty, so
+at one micro-step one rank's batch has no usable row while the other's has one. The loss makes a
+collective call, as the reward stages' common direction does (`accelerator.gather`); the ranks
+must still agree on every collective. Each rank writes its final weights to OUT/rank{R}.safetensors.
+"""
+
+import sys
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from longalign import training
+from longalign.config import AlignArguments, ModelArguments
+from longalign.data import CaptionDataset, DataSettings
+
+
+def main(out: str) -> None:
+    args = AlignArguments(
+        output_dir=f"{out}/run", dataset="unused.jsonl", train_batch_size=1, gradient_accumulation_steps=1,
+        mixed_precision="no", report_to="none", dataloader_num_workers=0, max_train_steps=4, cpu=True,
+        validation_prompts=[], max_bad_fraction=0.9, learning_rate=0.1, lr_warmup_steps=0,
+    )  # fmt: skip
+    accelerator = training.make_accelerator(args)
+    table = [{"path": f"{i}.png", "caption": "" if i == 2 else f"caption {i}"} for i in range(4)]
+    torch.manual_seed(0)
+    parts = training.StageParts(unet=nn.Linear(3, 3), vae=None, encoder=None, noise_scheduler=None, weight_dtype=torch.float32)
+
+    def loss_fn(parts, batch, generator):
+        rows_everywhere = accelerator.gather(torch.tensor([float(len(batch["caption"]))])).sum()  # a collective
+        inputs = batch["index"].float()[:, None].expand(-1, 3)
+        return parts.unet(inputs).pow(2).mean() * rows_everywhere / rows_everywhere, {}
+
+    training.write_final = lambda *args: None  # a bare nn.Linear has no LoRA for final/; the loop is the subject
+    stage = training.Stage("uneven", parts, {"unet": parts.unet}, loss_fn)
+    training.run_training(ModelArguments(), args, accelerator, stage, CaptionDataset(table, DataSettings(dataset="unused.jsonl")))
+    unet = accelerator.unwrap_model(stage.parts.unet)
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, f"{out}/rank{accelerator.process_index}.safetensors")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
