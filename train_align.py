@@ -59,7 +59,7 @@ def build_stage(model_args: ModelArguments, args: AlignArguments, accelerator) -
     parts = load_stage_parts(model_args, args, accelerator, lora_name=STAGE)
     trainable = {"unet": parts.unet}
     if args.train_adapter and parts.encoder.adapter is not None:
-        parts.encoder.adapter.requires_grad_(True).train()
+        parts.encoder.adapter.requires_grad_(True)
         trainable["encoder.adapter"] = parts.encoder.adapter
     loss_fn = functools.partial(align_loss, args=args)
     return Stage(STAGE, parts, trainable, loss_fn, ValidationSettings(sampler="unipc"))

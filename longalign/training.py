@@ -13,6 +13,7 @@ an uninterrupted one would have done.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -319,6 +320,20 @@ def load_checkpoint(
 
 
 # ------------------------------------------------------------------------------ validation
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module | None) -> Iterator[None]:
+    """Inside the block the given modules (None skipped) are in eval mode; after it, in their old mode."""
+    present = [module for module in modules if module is not None]
+    was_training = [module.training for module in present]
+    for module in present:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, mode in zip(present, was_training):
+            module.train(mode)
+
+
 def validate(accelerator: Accelerator, args: TrainingArguments, parts: StageParts, settings: ValidationSettings, step: int) -> Path | None:
     """Generate the fixed held-out prompts with fixed seeds; save a grid PNG and log it."""
     if not accelerator.is_main_process or not args.validation_prompts:
@@ -329,13 +344,11 @@ def validate(accelerator: Accelerator, args: TrainingArguments, parts: StagePart
     adapter = parts.encoder.adapter
     if adapter is not None:
         parts.encoder.adapter = accelerator.unwrap_model(adapter)
-    was_training = unet.training
-    unet.eval()
     spec = get_sampler(settings.sampler)
     pipeline = LongPromptPipeline.from_components(parts.vae, unet, parts.noise_scheduler, parts.encoder)
     pipeline.set_sampler(settings.sampler)
     images = []
-    with accelerator.autocast():
+    with eval_mode(unet, parts.encoder.adapter), accelerator.autocast():  # no LoRA / adapter dropout
         for index, prompt in enumerate(args.validation_prompts):
             generator = torch.Generator().manual_seed(args.seed + index)
             (image,), _ = pipeline(
@@ -349,7 +362,6 @@ def validate(accelerator: Accelerator, args: TrainingArguments, parts: StagePart
             )
             images.append(image)
     parts.encoder.adapter = adapter
-    unet.train(was_training)
     grid = make_image_grid(images, rows=1, cols=len(images))
     path = Path(args.output_dir) / "validation" / f"step_{step:07d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -464,13 +476,14 @@ def _set_path(root: Any, path: str, value: Any) -> None:
 
 
 def prepare_optimization(accelerator: Accelerator, args: TrainingArguments, stage: Stage) -> tuple[list[nn.Parameter], Any, Any]:
-    """Trainable weights in fp32, AdamW, constant-after-warmup LR, `accelerator.prepare` (DDP, autocast).
+    """Trainable modules in train mode with fp32 weights, AdamW, warmup-then-constant LR, `prepare`.
 
     The prepared modules replace the originals inside `stage.parts` (and `stage.trainable`), so the
     loss sees them. Returns (trainable parameters, optimizer, lr scheduler).
     """
     modules = list(stage.trainable.values())
     for module in modules:
+        module.train()  # diffusers and transformers load in eval mode, where LoRA dropout does nothing
         for parameter in module.parameters():
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()

@@ -13,6 +13,7 @@ from longalign.loading import UserError
 from longalign.training import (
     OPTIMIZER_FILE,
     Stage,
+    ValidationSettings,
     StageParts,
     flatten_optimizer_state,
     make_accelerator,
@@ -165,3 +166,43 @@ def test_a_rank_without_usable_rows_skips_the_micro_step_with_the_others(tmp_pat
     assert result.stderr.count("skipped: a batch had no usable rows") == 4  # 2 epochs x 2 ranks
     first, second = (load_file(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_what_trains_is_in_train_mode_for_the_loss_and_in_eval_mode_for_validation(tmp_path, tiny_models):
+    """diffusers loads the UNet in eval mode, where peft's LoRA dropout (0.1, METHOD.md §3) is the
+    identity: the loop must switch what trains (UNet LoRA, adapter) to train mode, and only that,
+    and validation images must be drawn without dropout, the modes restored after."""
+    import train_align
+
+    model_args = ModelArguments(
+        pretrained_model=str(tiny_models["sd15"]), t5_model=str(tiny_models["t5"]), adapter=str(tiny_models["adapter"])
+    )
+    args = AlignArguments(
+        output_dir=str(tmp_path / "run"), dataset="unused.jsonl", train_batch_size=1, mixed_precision="no",
+        report_to="none", dataloader_num_workers=0, max_train_steps=2, gradient_accumulation_steps=1, cpu=True,
+        validation_prompts=["A red circle."], validation_steps=1, resolution=64,
+    )  # fmt: skip
+    accelerator = make_accelerator(args)
+    stage = train_align.build_stage(model_args, args, accelerator)
+    in_loss, in_validation = [], []
+
+    def recording_loss(parts, batch, generator):
+        dropouts = [m for name, m in parts.unet.named_modules() if name.endswith("lora_dropout.align")]
+        assert dropouts
+        in_loss.append(
+            dict(
+                unet=parts.unet.training, lora_dropout=all(m.training for m in dropouts), adapter=parts.encoder.adapter.training,
+                clip=parts.encoder.clip.text_encoder.training, t5=parts.encoder.t5.encoder.training, vae=parts.vae.training,
+            )
+        )  # fmt: skip
+        return sum(p.sum() for p in parts.unet.parameters() if p.requires_grad) * 0.0, {}
+
+    stage.loss_fn = recording_loss
+    stage.validation = ValidationSettings(sampler="unipc", steps=2)
+    for module in (stage.parts.unet, stage.parts.encoder.adapter):
+        module.register_forward_pre_hook(lambda module, inputs: in_validation.append(module.training))
+    table = [{"path": f"{i}.png", "caption": "A red circle."} for i in range(2)]
+    run_training(model_args, args, accelerator, stage, CaptionDataset(table, DataSettings(dataset="unused.jsonl")))
+    trained = dict(unet=True, lora_dropout=True, adapter=True, clip=False, t5=False, vae=False)
+    assert in_loss == [trained, trained]  # the second step comes after a validation: modes were restored
+    assert in_validation and not any(in_validation)  # the recording loss never calls them; validation does
