@@ -398,8 +398,10 @@ class LongPromptEncoder(nn.Module):
                 raise UserError(f"encoder mode '{mode}' needs an adapter folder (--adapter)")
             t5_tokenizer = load_pretrained(AutoTokenizer, t5_model, "T5 tokenizer")
             check_tokenizer(t5_tokenizer, t5_model)
-            t5_encoder = load_pretrained(T5EncoderModel, t5_model, "T5 encoder")
-            t5_encoder.requires_grad_(False).eval().to(device, dtype)
+            # dtype at load time, not .to(dtype): under float16 transformers then keeps T5's `wo`
+            # projections in float32 (`_keep_in_fp32_modules`), without which T5 overflows to inf.
+            t5_encoder = load_pretrained(T5EncoderModel, t5_model, "T5 encoder", dtype=dtype)
+            t5_encoder.requires_grad_(False).eval().to(device)
             t5 = T5PromptEncoder(t5_tokenizer, t5_encoder, token_length, t5_attention_mask)
             text_adapter = load_pretrained(TextAdapter, adapter, "text adapter", dtype=dtype).to(device)
         return cls(clip, t5, text_adapter, mode)

@@ -239,6 +239,21 @@ def test_t5_attention_mask_flag_changes_output(tiny_models):
     assert not torch.allclose(plain(["a red circle"])[0], masked(["a red circle"])[0])
 
 
+def test_float16_keeps_t5_feed_forward_output_in_float32(tiny_models, encoder):
+    """T5 overflows in float16 unless its `wo` projections stay float32, which transformers does only
+    when the dtype is given at load time (a later `.to(float16)` would cast them too)."""
+    half = LongPromptEncoder.from_pretrained(
+        tiny_models["sd15"], tiny_models["t5"], tiny_models["adapter"], dtype=torch.float16
+    )
+    dtypes = {name: p.dtype for name, p in half.t5.encoder.named_parameters()}
+    assert any(name.endswith("DenseReluDense.wo.weight") for name in dtypes)
+    assert all((d == torch.float32) == (".wo." in name) for name, d in dtypes.items()), dtypes
+    assert half.clip.text_encoder.dtype == half.adapter.dtype == torch.float16
+    context, _ = half(["A red circle. A blue square."])
+    assert context.dtype == torch.float16 and torch.isfinite(context).all()
+    torch.testing.assert_close(context.float(), encoder(["A red circle. A blue square."])[0], atol=2e-2, rtol=2e-2)
+
+
 # ---------------------------------------------------------------------------------- adapter
 RELEASED_ADAPTER_KEYS = {
     "norm1.weight": ("in",), "norm1.bias": ("in",),
