@@ -24,7 +24,10 @@ class ModelArguments:
     t5_model: str = field(default=T5_LARGE, metadata={"help": "T5 encoder + tokenizer: hub id or local folder"})
     adapter: str | None = field(
         default=None,
-        metadata={"help": "TextAdapter folder (hub path org/repo/folder or local); default: the adapter/ of the last --init_from stage folder"},
+        metadata={
+            "help": "TextAdapter folder (hub path org/repo/folder or local); default: the adapter/ of the last --init_from "
+            "stage folder; training with no --init_from (align): shihaozhao/LaVi-Bridge/t5_unet/adapter"
+        },
     )
     init_from: list[str] = field(
         default_factory=list,

@@ -20,6 +20,7 @@ from .text_encoding import SD15, T5_LARGE, LongPromptEncoder, PromptReport
 LONGSD = "luping-liu/LongSD"
 LONGSD_ADAPTER = f"{LONGSD}/s28750_adapter"
 LONGSD_LORAS = (f"{LONGSD}/s28750_lora_vis.pt", f"{LONGSD}/sd15-reward-3750.pt")
+LAVI_BRIDGE_ADAPTER = "shihaozhao/LaVi-Bridge/t5_unet/adapter"  # the align stage's initial adapter (METHOD.md §2)
 
 
 class ReleasedLCMScheduler(LCMScheduler):

@@ -38,7 +38,7 @@ from .config import ModelArguments, TrainingArguments
 from .data import BadRowMonitor, ResumableSampler, make_dataloader
 from .loading import UserError, load_pretrained, local_path
 from .lora import LoraSettings, add_lora, fuse_stage_loras, save_lora
-from .pipeline import LongPromptPipeline, get_sampler, stage_adapter
+from .pipeline import LAVI_BRIDGE_ADAPTER, LongPromptPipeline, get_sampler, stage_adapter
 from .text_encoding import LongPromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -114,14 +114,16 @@ def load_stage_parts(model_args: ModelArguments, args: TrainingArguments, accele
     """SD1.5 parts with the earlier stages' LoRAs (`--init_from`) fused, and a new LoRA `lora_name`.
 
     Frozen weights are cast to the mixed-precision dtype; the new LoRA stays in fp32. The adapter
-    comes from `--adapter` or the `adapter/` of the last `--init_from` stage folder.
+    comes from `--adapter`, else the `adapter/` of the last `--init_from` stage folder, else (no
+    `--init_from`: the align stage) LaVi-Bridge's `t5_unet/adapter`, as released.
     """
     weight_dtype = DTYPES[args.mixed_precision]
     device = accelerator.device
     init_from = [local_path(source, "LoRA") for source in model_args.init_from]
     adapter = None
-    if model_args.encoder_mode != "clip":
-        adapter = local_path(stage_adapter(model_args.adapter, init_from), "adapter")
+    if model_args.encoder_mode != "clip":  # a stage on plain SD1.5 (align) starts from LaVi-Bridge's adapter
+        source = model_args.adapter or (LAVI_BRIDGE_ADAPTER if not init_from else None)
+        adapter = local_path(stage_adapter(source, init_from), "adapter")
     unet = load_pretrained(UNet2DConditionModel, model_args.pretrained_model, "UNet", subfolder="unet")
     fuse_stage_loras(unet, init_from)
     vae = load_pretrained(AutoencoderKL, model_args.pretrained_model, "VAE", subfolder="vae")

@@ -161,6 +161,15 @@ def test_resume_without_checkpoint_and_bad_init_from(tmp_path, tiny_models, data
     assert "Traceback" not in result.stdout
 
 
+def test_align_without_adapter_starts_from_lavi_bridge(tmp_path, tiny_models, dataset):
+    """METHOD.md §2: LaVi-Bridge's adapter initialises align; offline, its hub path is named in one line."""
+    cmd = [c for c in align_cmd(tiny_models, dataset, tmp_path / "out", 2)]
+    del cmd[cmd.index("--adapter") : cmd.index("--adapter") + 2]
+    result = run(cmd, tmp_path, check=False)
+    assert result.returncode == 2 and "shihaozhao/LaVi-Bridge/t5_unet/adapter" in result.stdout
+    assert "Traceback" not in result.stdout
+
+
 def test_too_many_bad_rows_stop_with_a_clear_message(tmp_path, tiny_models):
     data = write_tiny_dataset(tmp_path / "bad", n=2, resolution=64, broken_image=True, missing_image=True)
     result = run(align_cmd(tiny_models, data, tmp_path / "out", 2), tmp_path, check=False)
