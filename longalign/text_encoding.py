@@ -33,18 +33,22 @@ ENCODER_MODES = ("clip+t5", "clip", "t5")
 PAD_EMBEDDING_POSITIONS = slice(17, 77)
 
 Segmenter = Callable[[str, "object"], list[str]]
+LEGACY_PATTERN = re.compile(r'"!|\.|\?|;"')  # the released regex, quotes and all
 
 
 # --------------------------------------------------------------------------------- segmenters
 def split_legacy(prompt: str, tokenizer: object = None) -> list[str]:
-    """The released splitting rule: split on `.` and `?` only, drop empty pieces, append `.`, strip.
+    """The released splitting rule, for exact parity with the released LongSD weights.
 
-    Kept for exact parity with the released LongSD weights. Decimals (`3.5`) are split and
-    a segment longer than CLIP's window is later truncated by the tokenizer, as released.
-    The empty prompt gives one empty segment.
+    Splits with the released pattern `"!|\\.|\\?|;"`: on `.` and `?`, and on the literal pairs `"!`
+    and `;"` (the regex meant `!` and `;` but its quotes sit inside it). Every non-empty piece,
+    whitespace-only ones included, gets a `.` appended and is stripped (whitespace never changes
+    CLIP's tokens); a prompt with no non-empty piece (``""``, ``"..."``) is its own one segment.
+    Decimals (`3.5`) are split, and a segment longer than CLIP's window is later truncated by the
+    tokenizer, as released.
     """
-    pieces = [piece for piece in re.split(r"[.?]", prompt) if piece.strip()]
-    return [(piece + ".").strip() for piece in pieces] or [""]
+    pieces = [piece for piece in LEGACY_PATTERN.split(prompt) if piece]
+    return [(piece + ".").strip() for piece in pieces] or [prompt]
 
 
 def _token_count(tokenizer, text: str) -> int:

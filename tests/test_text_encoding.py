@@ -62,9 +62,14 @@ def test_legacy_goldens():
     text = "Dr. Smith is 3.5 m tall! Is he? Yes; he is."
     assert split_legacy(text) == ["Dr.", "Smith is 3.", "5 m tall! Is he.", "Yes; he is."]
     assert split_legacy("") == [""]
-    assert split_legacy("   ") == [""]
     assert split_legacy("cat") == ["cat."]
-    assert split_legacy("a. . b") == ["a.", "b."]
+    # As released: whitespace-only pieces are kept (as "."), a prompt of delimiters is one segment,
+    # and the regex's quotes make it split on the literal pairs '"!' and ';"', not on '!' or ';'.
+    assert split_legacy("   ") == ["."]
+    assert split_legacy("a. . b") == ["a.", ".", "b."]
+    assert split_legacy("A cat. A dog. ") == ["A cat.", "A dog.", "."]
+    assert split_legacy("...") == ["..."]
+    assert split_legacy('He said "hi;" then left! Wow"! ok') == ['He said "hi.', "then left! Wow.", "ok."]
     assert split_legacy("A cat 🐱. naïve?") == ["A cat 🐱.", "naïve."]
     assert split_legacy(WORDS_200) == [WORDS_200 + "."]  # released: one segment, truncated later
 
