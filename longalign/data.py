@@ -278,7 +278,7 @@ def augment_generator(seed: int, index: int) -> torch.Generator:
 def prepare_image(image, settings: DataSettings, generator: torch.Generator | None = None) -> torch.Tensor:
     """PIL image -> (3, R, R) float tensor in [-1, 1], R = `settings.resolution` (METHOD.md §6).
 
-    Converts to RGB, resizes the shorter side to R (bicubic, antialiased), then center-crops
+    Converts to RGB, resizes the shorter side to R (bilinear, as released), then center-crops
     (or crops at a position drawn from `generator` when `settings.center_crop` is False) and
     optionally flips horizontally (a draw from `generator`).
     """
@@ -287,7 +287,7 @@ def prepare_image(image, settings: DataSettings, generator: torch.Generator | No
 
     size = settings.resolution
     image = image.convert("RGB")
-    image = TF.resize(image, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    image = TF.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
     width, height = image.size
     if settings.center_crop:
         image = TF.center_crop(image, [size, size])

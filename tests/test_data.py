@@ -162,6 +162,25 @@ def test_prepare_image_resize_crop_flip():
     assert torch.equal(again, crops[3])
 
 
+def test_prepare_image_equals_the_released_transform():
+    """The released training transform: Resize(R, bilinear), CenterCrop(R), ToTensor, Normalize(0.5, 0.5)."""
+    from torchvision import transforms
+
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (61, 97, 3), generator=generator, dtype=torch.uint8)
+    image = Image.fromarray(pixels.numpy())
+    released = transforms.Compose(
+        [
+            transforms.Resize(32, interpolation=transforms.InterpolationMode.BILINEAR),
+            transforms.CenterCrop(32),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5], [0.5]),
+        ]
+    )
+    ours = prepare_image(image, DataSettings(dataset="x.jsonl", resolution=32))
+    torch.testing.assert_close(ours, released(image), atol=1e-6, rtol=0)
+
+
 # --------------------------------------------------------------------------- bad rows
 def test_bad_rows_skipped_and_counted_across_workers(tmp_path, caplog):
     table_path = write_tiny_dataset(tmp_path / "d", n=6, resolution=32, broken_image=True, missing_image=True)
