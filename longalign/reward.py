@@ -617,12 +617,13 @@ class CommonDirection:
         self.ema: torch.Tensor | None = None
         self.steps = 0
         self._warned_single = False
-        self.fixed = load_common_direction(path) if mode == "file" else None
         if mode == "file" and path is None:
-            raise UserError("common direction mode 'file' needs a path")
+            raise UserError("common direction mode 'file' needs a path (--common_direction_file)")
+        self.fixed = load_common_direction(path) if mode == "file" else None
 
-    def _gathered_mean(self, text_embeds: torch.Tensor) -> tuple[torch.Tensor, int]:
-        embeds = text_embeds.detach().float()
+    def gathered_mean(self, values: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Mean of `values` (B, E) over this step's batch on every process -> ((E,), global B), no grad."""
+        embeds = values.detach().float()
         total = embeds.sum(dim=0, keepdim=True)  # (1, E)
         count = torch.tensor([embeds.shape[0]], device=embeds.device, dtype=torch.float32)
         if self.accelerator is not None and self.accelerator.num_processes > 1:
@@ -639,7 +640,7 @@ class CommonDirection:
                     f"common direction file has width {self.fixed.shape[0]}, the preference model {text_embeds.shape[-1]}"
                 )
             return self.fixed.to(text_embeds.device)
-        mean, count = self._gathered_mean(text_embeds)
+        mean, count = self.gathered_mean(text_embeds)
         if self.mode == "batch":
             if count == 1 and not self._warned_single:
                 self._warned_single = True
@@ -710,8 +711,8 @@ def decomposed_reward(
     image_embeds = preference_model.embed_images(images, generator, random_crop)  # (B, E), float32
     v = direction(text_embeds).to(text_embeds.device)
     parts = decompose(text_embeds, v)
-    if weight == "auto":
-        weight = auto_text_irrelevant_weight(parts.eta.mean().item())
+    if weight == "auto":  # from the mean eta of the whole batch over all processes, as V is
+        weight = auto_text_irrelevant_weight(direction.gathered_mean(parts.eta[:, None])[0].item())
     scores = reweighted_score(image_embeds, text_embeds, v, weight)  # (B,)
     loss = preference_loss(scores, weight, released_offset=released_loss_offset)
     with torch.no_grad():

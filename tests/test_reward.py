@@ -251,6 +251,8 @@ def test_ema_and_file_modes(tmp_path, scorer):
         CommonDirection("file", path=str(path))(torch.zeros(2, 8))
     with pytest.raises(UserError, match="not found"):
         CommonDirection("file", path=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(UserError, match="needs a path"):
+        CommonDirection("file")
     with pytest.raises(UserError, match="batch, ema, file"):
         CommonDirection("global")
 
@@ -261,14 +263,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_gathered_direction_over_two_processes_equals_one_process(tmp_path):
+def test_gathered_direction_over_two_processes_equals_one_process(tmp_path, tiny_models):
     from safetensors.torch import load_file
 
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), str(REPO / "tests" / "_gather_direction.py"), str(tmp_path),
+        "--main_process_port", str(_free_port()), str(REPO / "tests" / "_gather_direction.py"), str(tmp_path), str(tiny_models["preference"]),
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -284,6 +286,10 @@ def test_gathered_direction_over_two_processes_equals_one_process(tmp_path):
         assert torch.allclose(rank["ema"], expected_ema, atol=1e-6)
         assert torch.allclose(rank["one_each"], common_direction(full[:2]), atol=1e-6)
         assert rank["warned"].item() == 0  # one prompt per rank is two prompts globally
+    # w = auto comes from the mean eta of all four prompts, so both ranks train with the same w
+    global_eta = torch.cat([ranks[0]["etas"], ranks[1]["etas"]]).mean().item()
+    for rank in ranks:
+        assert rank["auto_weight"].item() == pytest.approx(auto_text_irrelevant_weight(global_eta), rel=1e-5)
 
 
 # ------------------------------------------------------------------------ open_clip backend
