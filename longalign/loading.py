@@ -49,11 +49,15 @@ def resolve_source(name: str, what: str) -> str:
     raise UserError(f"{what} not found: '{name}' is not an existing file or folder")
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:160]
+
+
 def _hub_hint(name: str, what: str, error: BaseException) -> UserError:
-    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return UserError(
         f"could not load {what} '{name}': no such local path, and fetching it from the hub failed "
-        f"({reason[:160]}); check the path, or download it elsewhere and pass the local folder"
+        f"({_first_line(error)}); check the path, or download it elsewhere and pass the local folder"
     )
 
 
@@ -82,6 +86,11 @@ def load_pretrained(cls: Any, name: str, what: str, subfolder: str | None = None
         return cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as error:
         where = f"{name}/{subfolder}" if subfolder else name
+        if os.path.exists(source):
+            raise UserError(
+                f"could not load {what} from '{where}' ({_first_line(error)}): the folder is incomplete, "
+                "damaged or holds another kind of model"
+            ) from None
         raise _hub_hint(where, what, error) from None
 
 

@@ -303,6 +303,14 @@ def test_missing_model_path_names_it(tiny_models):
         LongPromptEncoder.from_pretrained("./no/such/folder", tiny_models["t5"], tiny_models["adapter"])
 
 
+def test_damaged_local_folder_is_named_as_local(tiny_models, tmp_path):
+    shutil.copytree(tiny_models["adapter"], tmp_path / "adapter")
+    (tmp_path / "adapter" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="could not load text adapter from .*damaged") as caught:
+        LongPromptEncoder.from_pretrained(tiny_models["sd15"], tiny_models["t5"], tmp_path / "adapter")
+    assert "hub" not in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_adapter_from_another_model_is_refused(tiny_models, tmp_path):
     TextAdapter(in_dim=32, int_dim=24, out_dim=16).save_pretrained(tmp_path)
     with pytest.raises(UserError, match="another model"):
