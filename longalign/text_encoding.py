@@ -157,6 +157,13 @@ class PromptReport:
         return asdict(self)
 
 
+def checked_token_length(token_length: int) -> int:
+    """`token_length` if it is at least 1 (rows per branch of the UNet context), else a `UserError`."""
+    if token_length < 1:
+        raise UserError(f"--token_length must be at least 1 (got {token_length})")
+    return token_length
+
+
 def check_tokenizer(tokenizer, where: str) -> None:
     """Refuse a tokenizer that loaded without its vocabulary (some classes load empty silently)."""
     if len(tokenizer) < 10:
@@ -168,8 +175,9 @@ class SegmentCLIPEncoder(nn.Module):
     """Segment-level CLIP encoding with the released token policy (paper §3.1, METHOD.md §1).
 
     `forward(prompts)` -> (hidden (B, token_length, D), reports). Per prompt: segments are
-    tokenized as `<sot> content[:75] <eot>`, all segments of the batch go through CLIP in one
-    forward pass, each segment keeps its `<sot>` and content rows (padding is decided by length,
+    tokenized as `<sot> content[:75] <eot>`, the batch's segments with rows to keep go through CLIP
+    in one forward pass (those past the cut are skipped, so an enormous prompt costs no more than
+    `token_length` rows), each segment keeps its `<sot>` and content rows (padding is decided by length,
     never by id), the rows are concatenated in order and cut at, or padded with `<pad*>` to,
     `token_length`. `<pad*>` (buffer `pad_embedding`, (D,)) is computed once from the empty prompt.
     """
@@ -178,7 +186,7 @@ class SegmentCLIPEncoder(nn.Module):
         super().__init__()
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
-        self.token_length = token_length
+        self.token_length = checked_token_length(token_length)
         self.segmenter_name = segmenter
         self.segmenter = get_segmenter(segmenter)
         self.window = context_window(tokenizer, text_encoder)
@@ -200,41 +208,44 @@ class SegmentCLIPEncoder(nn.Module):
         """The prompt's segments under this encoder's segmenter."""
         return self.segmenter(prompt, self.tokenizer)
 
-    def encode_segments(self, segments: Sequence[str]) -> tuple[torch.Tensor, list[int], list[int]]:
-        """Encode segments in one CLIP pass.
-
-        Returns hidden (S, T, D) with T the longest tokenized segment, the number of rows to keep per
-        segment (`<sot>` + content, at most the window less `<eot>`), and the untruncated content
-        token counts.
-        """
+    def tokenize_segments(self, segments: Sequence[str]) -> tuple[list[list[int]], list[int]]:
+        """Token ids `<sot> content[:75] <eot>` per segment, and the untruncated content counts."""
         content_ids = self.tokenizer(list(segments), add_special_tokens=False, verbose=False)["input_ids"]
         max_content = self.window - 2
         sequences = [[self.sot_id, *ids[:max_content], self.eot_id] for ids in content_ids]
+        return sequences, [len(ids) for ids in content_ids]
+
+    def encode_sequences(self, sequences: Sequence[list[int]]) -> torch.Tensor:
+        """One CLIP pass over token sequences, padded to the longest (T): hidden (S, T, D)."""
         longest = max(len(sequence) for sequence in sequences)
         input_ids = torch.tensor([s + [self.pad_id] * (longest - len(s)) for s in sequences])
-        device = self.pad_embedding.device
-        hidden = self.text_encoder(input_ids.to(device)).last_hidden_state  # (S, T, D)
-        keep = [len(sequence) - 1 for sequence in sequences]
-        return hidden, keep, [len(ids) for ids in content_ids]
+        return self.text_encoder(input_ids.to(self.pad_embedding.device)).last_hidden_state
 
     def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list[PromptReport]]:
         segments_per_prompt = [self.split(prompt) for prompt in prompts]
         flat = [segment for segments in segments_per_prompt for segment in segments]
-        hidden, keep, content_counts = self.encode_segments(flat)
+        sequences, content_counts = self.tokenize_segments(flat)
+        takes, index = [], 0  # rows each segment gives its prompt: `<sot>` + content, up to token_length
+        for segments in segments_per_prompt:
+            length = 0
+            for sequence in sequences[index : index + len(segments)]:
+                takes.append(max(min(len(sequence) - 1, self.token_length - length), 0))
+                length += takes[-1]
+            index += len(segments)
+        needed = [i for i, take in enumerate(takes) if take > 0]  # segments past the cut skip CLIP
+        hidden = dict(zip(needed, self.encode_sequences([sequences[i] for i in needed])))  # i -> (T, D)
         outputs, reports = [], []
         index = 0
         for prompt_index, segments in enumerate(segments_per_prompt):
             rows, kept_tokens, cut_segment = [], 0, None
-            length = 0
-            for offset, segment in enumerate(segments):
-                n_rows = keep[index + offset]
-                take = min(n_rows, self.token_length - length)
+            for offset in range(len(segments)):
+                take = takes[index + offset]
                 if take > 0:
-                    rows.append(hidden[index + offset, :take])
-                    kept_tokens += max(take - 1, 0)
-                    length += take
-                if take < n_rows and cut_segment is None:
+                    rows.append(hidden[index + offset][:take])
+                    kept_tokens += take - 1
+                if take < len(sequences[index + offset]) - 1 and cut_segment is None:
                     cut_segment = offset
+            length = sum(takes[index : index + len(segments)])
             content = sum(content_counts[index : index + len(segments)])
             index += len(segments)
             context = torch.cat(rows, dim=0)  # (<= token_length, D)
@@ -275,7 +286,7 @@ class T5PromptEncoder(nn.Module):
         super().__init__()
         self.tokenizer = tokenizer
         self.encoder = encoder
-        self.token_length = token_length
+        self.token_length = checked_token_length(token_length)
         self.use_attention_mask = use_attention_mask
 
     def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list[tuple[int, int]]]:

@@ -197,6 +197,24 @@ def test_200_tokens_fit_240(encoder, caplog):
     assert "dropped" not in caplog.text
 
 
+def test_segments_past_the_cut_skip_clip(encoder):
+    """Only segments with kept rows go through CLIP: 100 x "A dog." (4 rows each) needs 60 of them."""
+    seen = []
+    hook = encoder.clip.text_encoder.register_forward_hook(lambda module, args, output: seen.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            long_context, (long_report,) = encoder.clip(["A dog. " * 100])
+            cut_context, (cut_report,) = encoder.clip(["A dog. " * 60])
+    finally:
+        hook.remove()
+    assert seen == [60, 60]
+    assert torch.equal(long_context, cut_context)
+    assert (long_report.segments, long_report.tokens_kept, long_report.tokens_dropped) == (100, 180, 120)
+    assert cut_report.tokens_dropped == 0
+    with pytest.raises(UserError, match="--token_length"):
+        SegmentCLIPEncoder(encoder.clip.tokenizer, encoder.clip.text_encoder, token_length=0)
+
+
 def test_token_length_smaller_than_a_segment(encoder):
     clip = SegmentCLIPEncoder(encoder.clip.tokenizer, encoder.clip.text_encoder, token_length=5)
     with torch.no_grad():
