@@ -17,6 +17,7 @@ from longalign.config import AlignArguments, ModelArguments
 from longalign.data import build_train_dataset
 from longalign.diffusion import mse, pseudo_huber, sample_timesteps
 from longalign.loading import cli_entry
+from longalign.pipeline import LAVI_BRIDGE_ADAPTER
 from longalign.training import (
     Stage,
     StageParts,
@@ -56,7 +57,7 @@ def align_loss(parts: StageParts, batch: dict, generator: torch.Generator, args:
 
 def build_stage(model_args: ModelArguments, args: AlignArguments, accelerator) -> Stage:
     """SD1.5 (+ `--init_from`) with a new LoRA `align`; the LoRA and (by default) the adapter train."""
-    parts = load_stage_parts(model_args, args, accelerator, lora_name=STAGE)
+    parts = load_stage_parts(model_args, args, accelerator, lora_name=STAGE, default_adapter=LAVI_BRIDGE_ADAPTER)
     trainable = {"unet": parts.unet}
     if args.train_adapter and parts.encoder.adapter is not None:
         parts.encoder.adapter.requires_grad_(True)

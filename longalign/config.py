@@ -26,7 +26,7 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "TextAdapter folder (hub path org/repo/folder or local); default: the adapter/ of the last --init_from "
-            "stage folder; training with no --init_from (align): shihaozhao/LaVi-Bridge/t5_unet/adapter"
+            "stage folder; align with no --init_from: shihaozhao/LaVi-Bridge/t5_unet/adapter"
         },
     )
     init_from: list[str] = field(
@@ -99,8 +99,9 @@ class TrainingArguments(DataSettings):
         for flag, value in checks.items():
             if value < 1:
                 raise UserError(f"{flag} must be at least 1 (got {value})")
-        if self.max_train_steps is not None and self.max_train_steps < 1:
-            raise UserError(f"--max_train_steps must be at least 1 (got {self.max_train_steps})")
+        for flag, value in {"--max_train_steps": self.max_train_steps, "--checkpoints_total_limit": self.checkpoints_total_limit}.items():
+            if value is not None and value < 1:
+                raise UserError(f"{flag} must be at least 1 (got {value})")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise UserError(f"--mixed_precision must be no, fp16 or bf16 (got {self.mixed_precision})")
         if self.report_to not in ("tensorboard", "wandb", "none"):

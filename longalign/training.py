@@ -38,7 +38,7 @@ from .config import ModelArguments, TrainingArguments
 from .data import BadRowMonitor, ResumableSampler, make_dataloader
 from .loading import UserError, load_pretrained, local_path
 from .lora import LoraSettings, add_lora, fuse_stage_loras, save_lora
-from .pipeline import LAVI_BRIDGE_ADAPTER, LongPromptPipeline, get_sampler, stage_adapter
+from .pipeline import LongPromptPipeline, get_sampler, stage_adapter
 from .text_encoding import LongPromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ def make_accelerator(args: TrainingArguments) -> Accelerator:
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=config,
         cpu=args.cpu,
+        step_scheduler_with_optimizer=False,  # the loop steps it once per optimizer step (warmup in optimizer steps)
     )
 
 
@@ -110,20 +111,27 @@ class Stage:
     stateful: dict[str, Any] = field(default_factory=dict)
 
 
-def load_stage_parts(model_args: ModelArguments, args: TrainingArguments, accelerator: Accelerator, lora_name: str) -> StageParts:
+def load_stage_parts(
+    model_args: ModelArguments,
+    args: TrainingArguments,
+    accelerator: Accelerator,
+    lora_name: str,
+    default_adapter: str | None = None,
+) -> StageParts:
     """SD1.5 parts with the earlier stages' LoRAs (`--init_from`) fused, and a new LoRA `lora_name`.
 
     Frozen weights are cast to the mixed-precision dtype; the new LoRA stays in fp32. The adapter
     comes from `--adapter`, else the `adapter/` of the last `--init_from` stage folder, else (no
-    `--init_from`: the align stage) LaVi-Bridge's `t5_unet/adapter`, as released.
+    `--init_from`) `default_adapter` (align: LaVi-Bridge's `t5_unet/adapter`, as released).
     """
     weight_dtype = DTYPES[args.mixed_precision]
     device = accelerator.device
     init_from = [local_path(source, "LoRA") for source in model_args.init_from]
     adapter = None
-    if model_args.encoder_mode != "clip":  # a stage on plain SD1.5 (align) starts from LaVi-Bridge's adapter
-        source = model_args.adapter or (LAVI_BRIDGE_ADAPTER if not init_from else None)
+    if model_args.encoder_mode != "clip":
+        source = model_args.adapter or (default_adapter if not init_from else None)
         adapter = local_path(stage_adapter(source, init_from), "adapter")
+        logger.info("text adapter: %s", adapter)
     unet = load_pretrained(UNet2DConditionModel, model_args.pretrained_model, "UNet", subfolder="unet")
     fuse_stage_loras(unet, init_from)
     vae = load_pretrained(AutoencoderKL, model_args.pretrained_model, "VAE", subfolder="vae")
@@ -304,6 +312,11 @@ def load_checkpoint(
     missing = [name for name in names if not (path / name).exists()]
     if missing:
         raise UserError(f"checkpoint '{path}' has no {missing[0]}: it is incomplete or was written by another version")
+    if (path / f"trainable_{len(modules)}.safetensors").exists():
+        raise UserError(
+            f"checkpoint '{path}' trained more modules than this run ({len(modules)}); resume with the same "
+            "settings (e.g. --train_adapter)"
+        )
     for index, module in enumerate(modules):
         model = accelerator.unwrap_model(module)
         state = load_file(path / f"trainable_{index}.safetensors")
@@ -316,7 +329,7 @@ def load_checkpoint(
         optimizer.load_state_dict(unflatten_optimizer_state(tensors, file.metadata()))
     saved = json.loads((path / STATE_FILE).read_text())
     lr_scheduler.load_state_dict(saved["lr_scheduler"])
-    if accelerator.scaler is not None:
+    if accelerator.scaler is not None and saved["grad_scaler"] is not None:  # else fp16 starts a fresh scale
         accelerator.scaler.load_state_dict(saved["grad_scaler"])
     return saved
 
@@ -494,9 +507,9 @@ def prepare_optimization(accelerator: Accelerator, args: TrainingArguments, stag
         params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
     )
-    lr_scheduler = get_scheduler(  # accelerate steps a prepared scheduler once per process
-        "constant_with_warmup", optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes
-    )
+    # The loop steps the scheduler once per optimizer step (make_accelerator: step_scheduler_with_optimizer
+    # off), so warmup counts optimizer steps whatever the number of processes, also across a resume on another.
+    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.lr_warmup_steps)
     *prepared, optimizer, lr_scheduler = accelerator.prepare(*modules, optimizer, lr_scheduler)
     for path, module in zip(list(stage.trainable), prepared):
         _set_path(stage.parts, path, module)
@@ -559,7 +572,8 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
                     optimizer.step()
-                    lr_scheduler.step()
+                    if accelerator.sync_gradients and not optimizer.step_was_skipped:  # fp16 overflow skips
+                        lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             state["micro_step"] += 1
             if all_rows and all_finite:

@@ -168,6 +168,10 @@ def test_align_without_adapter_starts_from_lavi_bridge(tmp_path, tiny_models, da
     result = run(cmd, tmp_path, check=False)
     assert result.returncode == 2 and "shihaozhao/LaVi-Bridge/t5_unet/adapter" in result.stdout
     assert "Traceback" not in result.stdout
+    # Only align has that default: a later stage with neither --init_from nor --adapter is refused.
+    lcm = [sys.executable, str(ROOT / "train_lcm.py"), *common_flags(tiny_models, dataset), "--output_dir", str(tmp_path / "lcm")]
+    result = run(lcm, tmp_path, check=False)
+    assert result.returncode == 2 and "no adapter" in result.stdout and "LaVi-Bridge" not in result.stdout
 
 
 def test_too_many_bad_rows_stop_with_a_clear_message(tmp_path, tiny_models):
@@ -198,14 +202,19 @@ def test_two_processes_on_cpu(tmp_path, tiny_models, dataset):
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
     ]  # fmt: skip
-    cmd = align_cmd(tiny_models, dataset, out, 2, "--cpu")[1:]
+    warmup = ("--lr_warmup_steps", "10")  # LR = 1e-3 * optimizer steps / 10 throughout these runs
+    cmd = align_cmd(tiny_models, dataset, out, 2, "--cpu", *warmup)[1:]
     result = run([*launch, *cmd], tmp_path, env={"ACCELERATE_USE_CPU": "true"})
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["num_processes"] == 2, result.stdout[-2000:]
     assert (out / "final" / "pytorch_lora_weights.safetensors").exists()
     # Only the main process writes a checkpoint; every rank must load it, or the ranks' weights and
     # AdamW moments part ways and the run's closing rank-agreement check fails.
-    cmd = align_cmd(tiny_models, dataset, out, 3, "--cpu", "--resume_from", "latest")[1:]
+    cmd = align_cmd(tiny_models, dataset, out, 3, "--cpu", "--resume_from", "latest", *warmup)[1:]
     result = run([*launch, *cmd], tmp_path, env={"ACCELERATE_USE_CPU": "true"})
     state = json.loads((out / "checkpoints" / "step_0000003" / "training_state.json").read_text())
     assert state["global_step"] == 3, result.stdout[-2000:]
+    # Warmup counts optimizer steps, so resuming on another number of processes keeps the LR curve.
+    run(align_cmd(tiny_models, dataset, out, 4, "--resume_from", "latest", *warmup), tmp_path)
+    state = json.loads((out / "checkpoints" / "step_0000004" / "training_state.json").read_text())
+    assert state["lr_scheduler"]["_last_lr"] == pytest.approx([1e-3 * 4 / 10])

@@ -82,6 +82,8 @@ def test_stage_arguments_are_checked():
         AlignArguments(mixed_precision="fp8")
     with pytest.raises(UserError, match="--loss"):
         AlignArguments(loss="l1")
+    with pytest.raises(UserError, match="--checkpoints_total_limit"):
+        AlignArguments(checkpoints_total_limit=0)
     with pytest.raises(UserError, match="contradict"):
         AlignArguments(resume_from="latest", overwrite=True)
     assert RewardArguments().train_batch_size == 8 and RewardArguments().text_irrelevant_weight == "0.3"
@@ -135,7 +137,13 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, no_final):
     tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=2, checkpointing_steps=2)
     with pytest.raises(UserError, match="does not match this run's trainable parameters"):
         tiny_loop(tmp_path, data_and_noise_loss, module=nn.Linear(3, 4), max_train_steps=4, resume_from="latest")
-    (tmp_path / "run" / "checkpoints" / "step_0000002" / OPTIMIZER_FILE).unlink()
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_0000002"
+    extra = checkpoint / "trainable_1.safetensors"  # as if that run had also trained an adapter
+    extra.write_bytes((checkpoint / "trainable_0.safetensors").read_bytes())
+    with pytest.raises(UserError, match="trained more modules than this run"):
+        tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=4, resume_from="latest")
+    extra.unlink()
+    (checkpoint / OPTIMIZER_FILE).unlink()
     with pytest.raises(UserError, match=f"has no {OPTIMIZER_FILE}"):
         tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=4, resume_from="latest")
 
