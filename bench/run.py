@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import importlib
 import json
@@ -552,24 +553,23 @@ def measure(
     options: Options,
     profile: bool = False,
 ) -> dict[str, Any]:
-    """Warm up (the first warm-up step under the FLOP counter), time `steps` steps, read the peak memory."""
+    """Count FLOPs on one untimed step, warm up `warmup` plain steps, time `steps` steps, read the peak memory.
+
+    The FLOP-counted step is not a warm-up step: the counter slows it several times over (it runs
+    on the CPU), so a stage with one warm-up step still gets a plain one before the timed steps.
+    """
     device = options.device
     meter = MemoryMeter(device)
     record: dict[str, Any] = {"warmup": warmup, "steps": steps, "samples_per_step": samples_per_step, "memory_kind": meter.kind}
     meter.reset()
     flops: dict[str, int] | None = None
-    for index in range(warmup):
-        if index == 0 and options.count_flops:
-            with flop_counter() as counter:
-                run_step(options.seed + 10_000 + index)
-            flops = flops_by_module(counter)
-        else:
-            run_step(options.seed + 10_000 + index)
-    synchronize(device)
-    if options.count_flops and flops is None:  # no warm-up: count on an extra untimed step
+    if options.count_flops:
         with flop_counter() as counter:
             run_step(options.seed + 20_000)
         flops = flops_by_module(counter)
+    for index in range(warmup):
+        run_step(options.seed + 10_000 + index)
+    synchronize(device)
     meter.reset()  # steady state: the peak of the timed steps (optimizer state already allocated)
     baseline = meter.current_gib()
     times = []
@@ -647,11 +647,16 @@ class Runner:
         print(summary_line(record), flush=True)
         return record
 
-    def compare(self, name: str, what: str, numerator: str, denominator: str, key: str = "step_time_median_s") -> None:
+    def compare(
+        self, name: str, what: str, numerator: str, denominator: str, key: str = "step_time_median_s",
+        denominator_key: str | None = None,
+    ) -> None:  # fmt: skip
+        """Record `numerator[key] / denominator[denominator_key or key]` as comparison `name`."""
         a, b = self.results.get(numerator, {}), self.results.get(denominator, {})
+        b_key = denominator_key or key
         record: dict[str, Any] = {"name": name, "what": what, "numerator": numerator, "denominator": denominator, "quantity": key}
-        if a.get("status") == "ok" and b.get("status") == "ok" and b.get(key):
-            record["ratio"] = round(a[key] / b[key], 4)
+        if a.get("status") == "ok" and b.get("status") == "ok" and b.get(b_key):
+            record["ratio"] = round(a[key] / b[b_key], 4)
         else:
             record["ratio"] = None
             record["note"] = f"{numerator}: {a.get('status', 'not run')}, {denominator}: {b.get('status', 'not run')}"
@@ -752,13 +757,21 @@ class Runner:
                 continue
 
             def body(kind: str = kind, name: str = name) -> dict[str, Any]:
+                # The step as trained is timed again just before each ablation, so a drift of the
+                # card's clocks or caches over the run does not pass for the ablation's effect.
+                step = lambda seed: bench.step(batch, seed)  # noqa: E731
+                plain = measure(name, step, size, max(warmup, 1), steps, dataclasses.replace(options, count_flops=False))
                 with align_ablation(unet, kind):
-                    return measure(name, lambda seed: bench.step(batch, seed), size, max(warmup, 1), steps, options)
+                    measured = measure(name, step, size, max(warmup, 1), steps, options)
+                return measured | {"reference_step_time_median_s": plain["step_time_median_s"]}
 
             record.update(guarded(name, body, options))
             bench.optimizer.zero_grad(set_to_none=True)
             self.record(record)
-            self.compare(f"align_{kind}_vs_align", f"align step time, {label} / as trained", name, reference)
+            self.compare(
+                f"align_{kind}_vs_align", f"align step time, {label} / as trained (timed just before it)",
+                name, name, denominator_key="reference_step_time_median_s",
+            )  # fmt: skip
 
     def encoder_shares(self, bench: StageBench, reference: str, size: int, steps: int) -> None:
         """Comparison 4: time of the frozen encoders (VAE encode, segment CLIP, T5-large) per align batch."""
