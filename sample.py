@@ -6,6 +6,8 @@
 With no --init_from/--adapter it uses the released LongSD weights (luping-liu/LongSD): adapter
 s28750_adapter, align LoRA s28750_lora_vis.pt and reward LoRA sd15-reward-3750.pt, fused in order.
 Every image is written as PNG with a JSON sidecar (prompt, seed, sampler, checkpoints, encoding report).
+A rerun into the same --out skips the images already there with the same settings, so a cut-off
+run of many prompts resumes; --batch_size N draws N images per call, each with its own seed.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ class SampleArguments:
     num_images: int = field(default=1, metadata={"help": "images per prompt"})
     height: int = field(default=512, metadata={"help": "image height (multiple of 8)"})
     width: int = field(default=512, metadata={"help": "image width (multiple of 8)"})
-    out: str = field(default="outputs", metadata={"help": "output folder"})
+    out: str = field(default="outputs", metadata={"help": "output folder; a rerun skips the images it already holds"})
+    overwrite: bool = field(default=False, metadata={"help": "regenerate images in --out that were made with other settings"})
+    batch_size: int = field(default=1, metadata={"help": "images per pipeline call (each keeps its own seed)"})
     device: str | None = field(default=None, metadata={"help": "cuda, cpu, ... (default: cuda if available)"})
     dtype: str | None = field(default=None, metadata={"help": "float32, float16 or bfloat16 (default: float16 on GPU, float32 on CPU)"})
 
@@ -82,8 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     steps = spec.steps if args.steps is None else args.steps
     guidance_scale = spec.guidance_scale if args.guidance_scale is None else args.guidance_scale
     validate_generation(steps, args.height, args.width)
-    if args.num_images < 1:
-        raise UserError(f"--num_images must be at least 1 (got {args.num_images})")
+    for flag, value in {"--num_images": args.num_images, "--batch_size": args.batch_size}.items():
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1 (got {value})")
     if not model_args.init_from and model_args.adapter is None:
         model_args.init_from, model_args.adapter = list(LONGSD_LORAS), LONGSD_ADAPTER
         print(f"using the released LongSD weights: {LONGSD_ADAPTER}, {', '.join(LONGSD_LORAS)}")
@@ -104,33 +109,74 @@ def main(argv: list[str] | None = None) -> None:
         dtype=dtype,
     )
     pipeline.set_sampler(args.sampler)
+    settings = {
+        "negative_prompt": args.negative_prompt,
+        "sampler": args.sampler,
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "height": args.height,
+        "width": args.width,
+        "dtype": str(dtype).replace("torch.", ""),
+        "checkpoints": pipeline.checkpoints,
+        "encoder": {"mode": model_args.encoder_mode, "segmenter": model_args.segmenter, "token_length": model_args.token_length},
+    }
     os.makedirs(args.out, exist_ok=True)
     jobs = [(p, prompt, k) for p, prompt in enumerate(prompts) for k in range(args.num_images)]
-    for prompt_index, prompt, k in tqdm(jobs, desc="images", disable=len(jobs) == 1):
-        seed = args.seed + k
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        (image,), (report,) = pipeline(
-            [prompt], args.negative_prompt, steps, guidance_scale, args.height, args.width, generator
+    todo = [job for job in jobs if not already_made(args.out, *job, args.seed + job[2], settings, args.overwrite)]
+    if len(todo) < len(jobs):
+        print(f"{len(jobs) - len(todo)} of {len(jobs)} image(s) already in {args.out} with these settings: skipped")
+    progress = tqdm(total=len(todo), desc="images", disable=len(todo) <= 1)
+    for start in range(0, len(todo), args.batch_size):
+        batch = todo[start : start + args.batch_size]
+        generators = [torch.Generator(device="cpu").manual_seed(args.seed + k) for _, _, k in batch]
+        images, reports = pipeline(
+            [prompt for _, prompt, _ in batch], args.negative_prompt, steps, guidance_scale, args.height, args.width,
+            generators, show_progress=len(todo) == 1,
+        )  # fmt: skip
+        for (prompt_index, prompt, k), image, report in zip(batch, images, reports):
+            sidecar = {"prompt": prompt, "seed": args.seed + k, **settings, "encoding_report": report.to_dict()}
+            write_image(image_stem(args.out, prompt_index, k), image, sidecar)
+        progress.update(len(batch))
+    progress.close()
+    print(f"wrote {len(todo)} image(s) to {args.out}", file=sys.stderr)
+
+
+def image_stem(out: str, prompt_index: int, k: int) -> str:
+    """`OUT/NNNN_KK`: image k of prompt N, without the extension."""
+    return os.path.join(out, f"{prompt_index:04d}_{k:02d}")
+
+
+def already_made(out: str, prompt_index: int, prompt: str, k: int, seed: int, settings: dict, overwrite: bool) -> bool:
+    """True when `OUT/NNNN_KK.png` and its sidecar exist for this prompt, seed and these settings.
+
+    A sidecar from other settings (another sampler, step count, checkpoint, ...) is refused with
+    the first difference named, so a rerun never mixes two settings in one folder, unless
+    `overwrite`. The sidecar is written after the PNG, so an image cut off mid-write is redone.
+    """
+    stem = image_stem(out, prompt_index, k)
+    try:
+        with open(stem + ".json", encoding="utf-8") as handle:
+            saved = json.load(handle)
+    except (OSError, ValueError):
+        return False
+    wanted = {"prompt": prompt, "seed": seed, **json.loads(json.dumps(settings))}
+    differs = [key for key, value in wanted.items() if saved.get(key) != value]
+    if differs and not overwrite:
+        key = differs[0]
+        raise UserError(
+            f"'{stem}.json' was made with {key} {saved.get(key)!r}, this run has {wanted[key]!r}; "
+            "pass another --out, or --overwrite to regenerate"
         )
-        stem = os.path.join(args.out, f"{prompt_index:04d}_{k:02d}")
-        image.save(stem + ".png")
-        sidecar = {
-            "prompt": prompt,
-            "negative_prompt": args.negative_prompt,
-            "seed": seed,
-            "sampler": args.sampler,
-            "steps": steps,
-            "guidance_scale": guidance_scale,
-            "height": args.height,
-            "width": args.width,
-            "dtype": str(dtype).replace("torch.", ""),
-            "checkpoints": pipeline.checkpoints,
-            "encoder": {"mode": model_args.encoder_mode, "segmenter": model_args.segmenter, "token_length": model_args.token_length},
-            "encoding_report": report.to_dict(),
-        }
-        with open(stem + ".json", "w", encoding="utf-8") as handle:
-            json.dump(sidecar, handle, indent=2, ensure_ascii=False)
-    print(f"wrote {len(jobs)} image(s) to {args.out}", file=sys.stderr)
+    return not differs and os.path.exists(stem + ".png")
+
+
+def write_image(stem: str, image, sidecar: dict) -> None:
+    """Write `stem.png`, then `stem.json` (which marks it complete), each through a rename."""
+    image.save(stem + ".png.tmp", format="PNG")
+    os.replace(stem + ".png.tmp", stem + ".png")
+    with open(stem + ".json.tmp", "w", encoding="utf-8") as handle:
+        json.dump(sidecar, handle, indent=2, ensure_ascii=False)
+    os.replace(stem + ".json.tmp", stem + ".json")
 
 
 if __name__ == "__main__":
