@@ -1006,6 +1006,7 @@ def parse_options(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     parser.add_argument("--reward-steps", type=int, default=50, help="DDIM steps of the reward rollout (50 = released; fewer only for smoke runs)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 is steadier on a busy shared CPU)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--table", default=None, metavar="FILE", help="only print the tables of the last run in FILE (e.g. one a time limit cut off)")
     ns = parser.parse_args(argv)
 
     if ns.threads is not None:
@@ -1058,8 +1059,21 @@ def parse_options(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     return options, ns
 
 
+def print_tables(path: str) -> int:
+    """Print the markdown tables of the last run recorded in the results JSON at `path`."""
+    try:
+        runs = json.loads(Path(path).read_text())
+        run = runs[-1]
+        print(markdown(run))
+    except (OSError, ValueError, IndexError, KeyError, TypeError) as error:
+        raise SystemExit(f"error: --table '{path}' holds no bench/run.py results ({type(error).__name__}: {error})") from None
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     options, ns = parse_options(argv)
+    if ns.table:
+        return print_tables(ns.table)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.ERROR)
     for name in ("transformers", "diffusers", "accelerate", "longalign"):
@@ -1085,7 +1099,7 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": options.warmup, "steps": options.steps, "reward_warmup_steps": [options.heavy_warmup, options.heavy_steps],
             "reward_rollout_steps": options.reward_steps,
             "peak_bf16_tflops": options.peak_tflops, "peak_card": options.extra.get("peak_label"), "peak_source": PEAK_SOURCE,
-            "flops": "torch.utils.flop_counter.FlopCounterMode on one warm-up step: forward + backward + checkpoint recomputation",
+            "flops": "torch.utils.flop_counter.FlopCounterMode on one untimed step before the warm-up: forward + backward + checkpoint recomputation",
             "step": "loss_fn + accelerator.backward + clip_grad_norm_ + AdamW step (one micro-step of run_training; data loading excluded)",
         },
         "results": [],

@@ -73,6 +73,20 @@ def test_tiny_run_reports_every_stage(tiny_run):
     assert "| align |" in stdout and "| comparison | ratio |" in stdout
 
 
+def test_tables_reprinted_from_the_results_file(tiny_run, tmp_path, capsys):
+    """A run a time limit cut off still has its rows in the JSON; --table prints them."""
+    from bench.run import main
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(tiny_run[0]))
+    assert main(["--table", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| align |" in printed and "| comparison | ratio |" in printed
+    path.write_text("[]")
+    with pytest.raises(SystemExit, match="holds no bench/run.py results"):
+        main(["--table", str(path)])
+
+
 def test_flop_counts_follow_the_shapes(tiny_run):
     """FLOPs that must come out of the counter if it sees every UNet call."""
     run = tiny_run[0][1]
