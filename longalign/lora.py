@@ -209,8 +209,16 @@ def add_lora(unet: nn.Module, adapter_name: str = "default", settings: LoraSetti
     _activate(unet, previously_active + [adapter_name], trainable=adapter_name)
     unet.train(unet.training)  # the injected Dropout modules follow the UNet's train/eval mode
     trainable = [param for param in unet.parameters() if param.requires_grad]
+    drawn_in_low_precision = any(param.dtype != torch.float32 for param in trainable)
     for param in trainable:
         param.data = param.data.float()
+    if drawn_in_low_precision:  # peft drew the init, then cast it to the base layers' bf16/fp16: draw again in fp32
+        from peft.tuners.lora import LoraLayer
+
+        init = unet.peft_config[adapter_name].init_lora_weights
+        for module in unet.modules():
+            if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+                module.reset_lora_parameters(adapter_name, init)
     return trainable
 
 

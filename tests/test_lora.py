@@ -160,6 +160,7 @@ def test_add_lora_init_and_fp32_params_on_bf16_unet():
     lora_b = torch.cat([p.flatten() for n, p in unet.named_parameters() if ".lora_B." in n])
     assert lora_b.abs().max() == 0
     assert abs(lora_a.std().item() - 1 / settings.rank) < 0.1 / settings.rank
+    assert not torch.equal(lora_a, lora_a.bfloat16().float())  # drawn in fp32, not rounded through bf16
     assert unet.peft_config["align"].lora_alpha == settings.rank and unet.peft_config["align"].lora_dropout == 0.1
     latents, timesteps, context = unet_inputs()
     output = run(unet, (latents.bfloat16(), timesteps, context.bfloat16()))
