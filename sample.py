@@ -12,6 +12,7 @@ run of many prompts resumes; --batch_size N draws N images per call, each with i
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -20,9 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser
 
-from longalign.config import ModelArguments
+from longalign.config import ModelArguments, parse_flags
 from longalign.loading import UserError, cli_entry
 from longalign.pipeline import LONGSD_ADAPTER, LONGSD_LORAS, LongPromptPipeline, get_sampler, validate_generation
 
@@ -44,7 +44,7 @@ class SampleArguments:
     height: int = field(default=512, metadata={"help": "image height (multiple of 8)"})
     width: int = field(default=512, metadata={"help": "image width (multiple of 8)"})
     out: str = field(default="outputs", metadata={"help": "output folder; a rerun skips the images it already holds"})
-    overwrite: bool = field(default=False, metadata={"help": "regenerate images in --out that were made with other settings"})
+    overwrite: bool = field(default=False, metadata={"help": "regenerate this run's images where --out holds them made with other settings"})
     batch_size: int = field(default=1, metadata={"help": "images per pipeline call (each keeps its own seed)"})
     device: str | None = field(default=None, metadata={"help": "cuda, cpu, ... (default: cuda if available)"})
     dtype: str | None = field(default=None, metadata={"help": "float32, float16 or bfloat16 (default: float16 on GPU, float32 on CPU)"})
@@ -79,7 +79,7 @@ def resolve_device(args: SampleArguments) -> tuple[str, torch.dtype]:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
-    model_args, args = HfArgumentParser((ModelArguments, SampleArguments)).parse_args_into_dataclasses(argv)
+    model_args, args = parse_flags((ModelArguments, SampleArguments), argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     prompts = read_prompts(args)
     spec = get_sampler(args.sampler)
@@ -125,6 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     todo = [job for job in jobs if not already_made(args.out, *job, args.seed + job[2], settings, args.overwrite)]
     if len(todo) < len(jobs):
         print(f"{len(jobs) - len(todo)} of {len(jobs)} image(s) already in {args.out} with these settings: skipped")
+    this_run = {image_stem(args.out, p, k) + ".json" for p, _, k in jobs}
+    others = [path for path in glob.glob(os.path.join(args.out, "[0-9]*_[0-9]*.json")) if path not in this_run]
+    if others:
+        print(f"note: {len(others)} other image(s) in {args.out} are not part of this run and are left as they are")
     progress = tqdm(total=len(todo), desc="images", disable=len(todo) <= 1)
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start : start + args.batch_size]

@@ -6,7 +6,11 @@ The resolved configuration is written next to every output (`config.json`).
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 from .data import DataSettings
 from .loading import UserError
@@ -106,6 +110,8 @@ class TrainingArguments(DataSettings):
             raise UserError(f"--mixed_precision must be no, fp16 or bf16 (got {self.mixed_precision})")
         if self.report_to not in ("tensorboard", "wandb", "none"):
             raise UserError(f"--report_to must be tensorboard, wandb or none (got {self.report_to})")
+        if self.report_to == "wandb" and importlib.util.find_spec("wandb") is None:  # accelerate would log nothing
+            raise UserError("--report_to wandb needs the wandb package (pip install wandb), or use tensorboard")
         if self.resume_from is not None and self.overwrite:
             raise UserError("--resume_from and --overwrite contradict each other; pick one")
 
@@ -149,3 +155,19 @@ class RewardArguments(TrainingArguments, RewardConfig):
     num_train_epochs: int = field(default=1, metadata={"help": "epochs, unless --max_train_steps is given"})
     rollout: str = field(default="ddim_cfg", metadata={"help": "ddim_cfg (stage reward) or lcm (stage reward_lcm)"})
     guidance_scale: float = field(default=7.5, metadata={"help": "CFG scale of the ddim_cfg rollout"})
+
+
+def parse_flags(dataclass_types: Sequence[type], argv: list[str] | None = None) -> tuple[Any, ...]:
+    """`--flags` (argv, default sys.argv) -> one instance per dataclass, via `HfArgumentParser`.
+
+    An unknown flag is a `UserError` naming it (HfArgumentParser raises a bare ValueError); a value
+    of the wrong type is argparse's usage line and `error:` line, exit 2.
+    """
+    from transformers import HfArgumentParser
+
+    program = os.path.basename(sys.argv[0]) or "longalign"
+    parser = HfArgumentParser(list(dataclass_types), usage=f"{program} [--flags]")
+    *parsed, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    if unknown:
+        raise UserError(f"unknown flag(s) {' '.join(unknown)}; {program} --help lists the flags")
+    return tuple(parsed)

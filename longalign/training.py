@@ -32,9 +32,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser
 
-from .config import ModelArguments, TrainingArguments
+from .config import ModelArguments, TrainingArguments, parse_flags
 from .data import BadRowMonitor, ResumableSampler, make_dataloader
 from .loading import UserError, load_pretrained, local_path
 from .lora import LoraSettings, add_lora, fuse_stage_loras, save_lora
@@ -51,8 +50,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 # ----------------------------------------------------------------------------- arguments
 def parse_stage_arguments(stage_class: type, argv: list[str] | None = None) -> tuple[ModelArguments, Any]:
     """Parse `--flags` into (ModelArguments, the stage's TrainingArguments subclass)."""
-    parser = HfArgumentParser((ModelArguments, stage_class))
-    model_args, args = parser.parse_args_into_dataclasses(argv)
+    model_args, args = parse_flags((ModelArguments, stage_class), argv)
     return model_args, args
 
 
@@ -406,8 +404,10 @@ def write_final(
     parts: StageParts,
     stage: str,
     step: int,
+    sampler: str = "unipc",
 ) -> Path:
-    """`final/`: diffusers-format LoRA, `adapter/` when trained, `config.json` and a model card."""
+    """`final/`: diffusers-format LoRA, `adapter/` when trained, `config.json` and a model card
+    whose sampling command uses `sampler` (the stage's validation sampler: lcm for LCM stages)."""
     final = Path(args.output_dir) / "final"
     if accelerator.is_main_process:
         final.mkdir(parents=True, exist_ok=True)
@@ -417,7 +417,7 @@ def write_final(
             accelerator.unwrap_model(adapter).save_pretrained(final / "adapter")
         config = resolved_config(stage, model_args, args, accelerator)
         (final / "config.json").write_text(json.dumps(config, indent=2))
-        (final / "README.md").write_text(model_card(stage, model_args, args, step))
+        (final / "README.md").write_text(model_card(stage, model_args, args, step, sampler))
     accelerator.wait_for_everyone()
     return final
 
@@ -432,9 +432,10 @@ def resolved_config(stage: str, model_args: ModelArguments, args: TrainingArgume
     }
 
 
-def model_card(stage: str, model_args: ModelArguments, args: TrainingArguments, step: int) -> str:
-    """A short README for `final/`: what it is, what it was trained on, how to load it."""
+def model_card(stage: str, model_args: ModelArguments, args: TrainingArguments, step: int, sampler: str = "unipc") -> str:
+    """A short README for `final/`: what it is, what it was trained on, how to sample with it."""
     init = " ".join(model_args.init_from) or "(none)"
+    sampler_flag = "" if sampler == "unipc" else f"--sampler {sampler} "
     return (
         f"# LongAlign stage `{stage}`\n\n"
         f"UNet LoRA (rank {args.lora_rank}, scale 1) for Stable Diffusion 1.5 with long-prompt conditioning "
@@ -446,7 +447,7 @@ def model_card(stage: str, model_args: ModelArguments, args: TrainingArguments, 
         f"`config.json` (the resolved configuration)\n\n"
         "Sample with it:\n\n"
         f"```bash\npython sample.py --init_from {' '.join(model_args.init_from + [str(Path(args.output_dir) / 'final')])} "
-        f"--prompt \"...\"\n```\n"
+        f"{sampler_flag}--prompt \"...\"\n```\n"
     )
 
 
@@ -619,7 +620,7 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
             sampler.next_epoch()
     progress.close()
     check_ranks_agree(accelerator, params)
-    final = write_final(accelerator, args, model_args, parts, stage.name, state["global_step"])
+    final = write_final(accelerator, args, model_args, parts, stage.name, state["global_step"], stage.validation.sampler)
     validate(accelerator, args, parts, stage.validation, state["global_step"])
     accelerator.wait_for_everyone()  # no rank tears the process group down while another still uses it
     accelerator.end_training()

@@ -126,6 +126,8 @@ def test_rerun_resumes_and_batching_keeps_each_seed(tiny_models, tmp_path, capsy
     assert json.loads((batched / "0000_00.json").read_text())["steps"] == 4
     run_sample([*common, "--steps", "2", "--overwrite", "--out", str(batched)], tmp_path)
     assert {json.loads(p.read_text())["steps"] for p in batched.glob("*.json")} == {2}
+    out = run_sample([*common[:-1], "1", "--steps", "2", "--out", str(batched)], tmp_path)  # --num_images 1
+    assert "3 of 3 image(s) already in" in out and "note: 3 other image(s)" in out
 
 
 # -------------------------------------------------------------------------------- bad input
@@ -151,6 +153,7 @@ def test_bad_sizes_and_steps(tiny_models, capsys, monkeypatch):
     expect_user_error([*small(tiny_models), "--sampler", "euler"], capsys, "unipc")
     expect_user_error([*small(tiny_models), "--dtype", "float64"], capsys, "--dtype")
     expect_user_error([*small(tiny_models), "--batch_size", "0"], capsys, "--batch_size")
+    expect_user_error([*small(tiny_models), "--sampeler", "lcm"], capsys, "unknown flag(s) --sampeler lcm")
 
 
 def test_unreadable_prompt_file(tiny_models, tmp_path, capsys):

@@ -65,7 +65,9 @@ def test_chain_writes_final_artifacts(chain):
         assert (final / "pytorch_lora_weights.safetensors").exists(), stage
         config = json.loads((final / "config.json").read_text())
         assert config["stage"] == stage and config["training"]["max_train_steps"] == 2
-        assert (final / "README.md").read_text().startswith(f"# LongAlign stage `{stage}`")
+        card = (final / "README.md").read_text()
+        assert card.startswith(f"# LongAlign stage `{stage}`")
+        assert ("--sampler lcm" in card) == (stage in ("lcm", "reward_lcm")), stage  # LCM stages sample with LCM
         assert (final / "adapter").is_dir() == (stage == "align")
         assert (cwd / "runs" / f"{stage}-tiny" / "validation" / "step_0000002.png").exists()
         assert [d.name for d in checkpoint_dirs(cwd / "runs" / f"{stage}-tiny")] == ["step_0000002"]

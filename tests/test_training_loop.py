@@ -1,5 +1,6 @@
 """The shared loop in-process: non-finite losses, argument checks, safetensors-only checkpoints (issue 5)."""
 
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from longalign.training import (
     StageParts,
     flatten_optimizer_state,
     make_accelerator,
+    parse_stage_arguments,
     run_training,
     unflatten_optimizer_state,
 )
@@ -82,6 +84,12 @@ def test_stage_arguments_are_checked():
         AlignArguments(mixed_precision="fp8")
     with pytest.raises(UserError, match="--loss"):
         AlignArguments(loss="l1")
+    with pytest.raises(UserError, match="unknown flag"):
+        parse_stage_arguments(AlignArguments, ["--max_train_steps", "2", "--bogus", "1"])
+    assert parse_stage_arguments(AlignArguments, ["--max_train_steps", "2"])[1].max_train_steps == 2
+    if importlib.util.find_spec("wandb") is None:  # accelerate would warn and log nothing
+        with pytest.raises(UserError, match="wandb package"):
+            AlignArguments(report_to="wandb")
     with pytest.raises(UserError, match="--checkpoints_total_limit"):
         AlignArguments(checkpoints_total_limit=0)
     with pytest.raises(UserError, match="contradict"):
