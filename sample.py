@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         dtype=dtype,
     )
     pipeline.set_sampler(args.sampler)
-    settings = {
+    settings = {  # the same for every image; one JSON round trip, so it compares equal to a saved sidecar
         "negative_prompt": args.negative_prompt,
         "sampler": args.sampler,
         "steps": steps,
@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         "checkpoints": pipeline.checkpoints,
         "encoder": {"mode": model_args.encoder_mode, "segmenter": model_args.segmenter, "token_length": model_args.token_length},
     }
+    settings = json.loads(json.dumps(settings))
     os.makedirs(args.out, exist_ok=True)
     jobs = [(p, prompt, k) for p, prompt in enumerate(prompts) for k in range(args.num_images)]
     todo = [job for job in jobs if not already_made(args.out, *job, args.seed + job[2], settings, args.overwrite)]
@@ -151,7 +152,7 @@ def image_stem(out: str, prompt_index: int, k: int) -> str:
 
 
 def already_made(out: str, prompt_index: int, prompt: str, k: int, seed: int, settings: dict, overwrite: bool) -> bool:
-    """True when `OUT/NNNN_KK.png` and its sidecar exist for this prompt, seed and these settings.
+    """True when `OUT/NNNN_KK.png` and its sidecar exist for this prompt, seed and these (JSON) settings.
 
     A sidecar from other settings (another sampler, step count, checkpoint, ...) is refused with
     the first difference named, so a rerun never mixes two settings in one folder, unless
@@ -163,7 +164,7 @@ def already_made(out: str, prompt_index: int, prompt: str, k: int, seed: int, se
             saved = json.load(handle)
     except (OSError, ValueError):
         return False
-    wanted = {"prompt": prompt, "seed": seed, **json.loads(json.dumps(settings))}
+    wanted = {"prompt": prompt, "seed": seed, **settings}
     differs = [key for key, value in wanted.items() if saved.get(key) != value]
     if differs and not overwrite:
         key = differs[0]

@@ -218,6 +218,11 @@ def prepare_output_dir(args: TrainingArguments, accelerator: Accelerator) -> Pat
     return path
 
 
+def trainable_file(index: int) -> str:
+    """File name of the trainable tensors of a stage's `index`-th trainable module in a checkpoint."""
+    return f"trainable_{index}.safetensors"
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors that train in `model` (LoRA, adapter), by parameter name, on the CPU."""
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
@@ -279,7 +284,7 @@ def save_checkpoint(
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
         for index, module in enumerate(modules):
-            save_file(trainable_state(accelerator.unwrap_model(module)), temporary / f"trainable_{index}.safetensors")
+            save_file(trainable_state(accelerator.unwrap_model(module)), temporary / trainable_file(index))
         tensors, metadata = flatten_optimizer_state(optimizer.state_dict())
         save_file(tensors, temporary / OPTIMIZER_FILE, metadata=metadata)
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
@@ -306,20 +311,20 @@ def load_checkpoint(
     A checkpoint whose trainable tensors differ from this run's (another stage, rank or model) or
     that lacks a file is a `UserError`. Returns the saved `training_state.json`.
     """
-    names = [f"trainable_{index}.safetensors" for index in range(len(modules))] + [OPTIMIZER_FILE]
+    names = [trainable_file(index) for index in range(len(modules))] + [OPTIMIZER_FILE]
     missing = [name for name in names if not (path / name).exists()]
     if missing:
         raise UserError(f"checkpoint '{path}' has no {missing[0]}: it is incomplete or was written by another version")
-    if (path / f"trainable_{len(modules)}.safetensors").exists():
+    if (path / trainable_file(len(modules))).exists():
         raise UserError(
             f"checkpoint '{path}' trained more modules than this run ({len(modules)}); resume with the same "
             "settings (e.g. --train_adapter)"
         )
     for index, module in enumerate(modules):
         model = accelerator.unwrap_model(module)
-        state = load_file(path / f"trainable_{index}.safetensors")
-        expected = trainable_state(model)
-        if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
+        state = load_file(path / trainable_file(index))
+        expected = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
+        if {name: tensor.shape for name, tensor in state.items()} != expected:
             raise UserError(f"checkpoint '{path}' does not match this run's trainable parameters (model {index})")
         model.load_state_dict(state, strict=False)
     with safe_open(path / OPTIMIZER_FILE, framework="pt") as file:

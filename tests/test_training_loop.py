@@ -161,20 +161,17 @@ def test_a_rank_without_usable_rows_skips_the_micro_step_with_the_others(tmp_pat
     call: every rank must skip that micro-step together, before the loss, or the collectives pair
     up wrongly (gloo aborts, NCCL hangs)."""
     import os
-    import socket
     import subprocess
     import sys
 
     from safetensors.torch import load_file
+    from test_stages import free_port
 
     root = Path(__file__).resolve().parents[1]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         str(root / "tests" / "_uneven_rows_loop.py"), str(tmp_path),
     ]  # fmt: skip
     result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=180)
