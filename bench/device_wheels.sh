@@ -9,10 +9,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pinned() { grep -E "^$1==" requirements.txt || { echo "error: $1 is not pinned in requirements.txt" >&2; exit 2; }; }
-# Their needs the image lacks: importlib_metadata (diffusers), regex >= 2025.10.22 (transformers 5.24),
-# ftfy and its wcwidth (open_clip).
+# Their needs: regex >= 2025.10.22 for transformers 5.24 (pinned here, as the image's version is not
+# recorded), and ftfy with its wcwidth for open_clip. Not importlib_metadata: on Python 3.12 diffusers
+# uses the standard library's, and version 10 of the backport fails to import without lazy-importer.
 wheels=("$(pinned diffusers)" "$(pinned transformers)" "$(pinned peft)" "$(pinned pysbd)" "$(pinned open_clip_torch)"
-    importlib_metadata==10.2.0 regex==2026.11.19 ftfy==6.3.1 wcwidth==0.9.4)
+    regex==2026.11.19 ftfy==6.3.1 wcwidth==0.9.4)
+rm -rf .whl  # a stale wheel of another version would be installed beside the pinned one
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl "${wheels[@]}"
