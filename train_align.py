@@ -57,7 +57,9 @@ def align_loss(parts: StageParts, batch: dict, generator: torch.Generator, args:
 
 def build_stage(model_args: ModelArguments, args: AlignArguments, accelerator) -> Stage:
     """SD1.5 (+ `--init_from`) with a new LoRA `align`; the LoRA and (by default) the adapter train."""
-    parts = load_stage_parts(model_args, args, accelerator, lora_name=STAGE, default_adapter=LAVI_BRIDGE_ADAPTER)
+    parts = load_stage_parts(
+        model_args, args, accelerator, lora_name=STAGE, default_adapter=LAVI_BRIDGE_ADAPTER, train_adapter=args.train_adapter
+    )
     trainable = {"unet": parts.unet}
     if args.train_adapter and parts.encoder.adapter is not None:
         parts.encoder.adapter.requires_grad_(True)

@@ -395,8 +395,13 @@ class LongPromptEncoder(nn.Module):
         t5_attention_mask: bool = False,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        adapter_dtype: torch.dtype | None = None,
     ) -> "LongPromptEncoder":
-        """Load CLIP (SD1.5 `tokenizer`/`text_encoder`), T5 and the adapter by hub id or local path."""
+        """Load CLIP (SD1.5 `tokenizer`/`text_encoder`), T5 and the adapter by hub id or local path.
+
+        Every part loads in `dtype`, the adapter in `adapter_dtype` if given (float32 when it trains,
+        so it starts from the file's weights rather than from their bf16/fp16 rounding).
+        """
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
         if mode not in ENCODER_MODES:
@@ -418,5 +423,5 @@ class LongPromptEncoder(nn.Module):
             t5_encoder = load_pretrained(T5EncoderModel, t5_model, "T5 encoder", dtype=dtype)
             t5_encoder.requires_grad_(False).eval().to(device)
             t5 = T5PromptEncoder(t5_tokenizer, t5_encoder, token_length, t5_attention_mask)
-            text_adapter = load_pretrained(TextAdapter, adapter, "text adapter", dtype=dtype).to(device)
+            text_adapter = load_pretrained(TextAdapter, adapter, "text adapter", dtype=adapter_dtype or dtype).to(device)
         return cls(clip, t5, text_adapter, mode)

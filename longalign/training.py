@@ -115,12 +115,14 @@ def load_stage_parts(
     accelerator: Accelerator,
     lora_name: str,
     default_adapter: str | None = None,
+    train_adapter: bool = False,
 ) -> StageParts:
     """SD1.5 parts with the earlier stages' LoRAs (`--init_from`) fused, and a new LoRA `lora_name`.
 
-    Frozen weights are cast to the mixed-precision dtype; the new LoRA stays in fp32. The adapter
-    comes from `--adapter`, else the `adapter/` of the last `--init_from` stage folder, else (no
-    `--init_from`) `default_adapter` (align: LaVi-Bridge's `t5_unet/adapter`, as released).
+    Frozen weights are cast to the mixed-precision dtype; the new LoRA, and the adapter when
+    `train_adapter`, are fp32. The adapter comes from `--adapter`, else the `adapter/` of the last
+    `--init_from` stage folder, else (no `--init_from`) `default_adapter` (align: LaVi-Bridge's
+    `t5_unet/adapter`, as released).
     """
     weight_dtype = DTYPES[args.mixed_precision]
     device = accelerator.device
@@ -143,6 +145,7 @@ def load_stage_parts(
         model_args.segmenter,
         device=device,
         dtype=weight_dtype,
+        adapter_dtype=torch.float32 if train_adapter else None,
     )
     for module in (unet, vae, encoder):
         module.requires_grad_(False)

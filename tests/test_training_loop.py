@@ -219,3 +219,30 @@ def test_what_trains_is_in_train_mode_for_the_loss_and_in_eval_mode_for_validati
     trained = dict(unet=True, lora_dropout=True, adapter=True, clip=False, t5=False, vae=False)
     assert in_loss == [trained, trained]  # the second step comes after a validation: modes were restored
     assert in_validation and not any(in_validation)  # the recording loss never calls them; validation does
+
+
+def test_a_trained_adapter_starts_from_the_files_fp32_weights_under_bf16(tmp_path, tiny_models):
+    """Under bf16 mixed precision the frozen encoders load in bf16, but the adapter that align trains
+    loads in fp32: cast to bf16 first, it would start from rounded weights (METHOD.md §2)."""
+    from accelerate.state import AcceleratorState
+
+    import train_align
+    from longalign.adapter import TextAdapter
+
+    model_args = ModelArguments(
+        pretrained_model=str(tiny_models["sd15"]), t5_model=str(tiny_models["t5"]), adapter=str(tiny_models["adapter"])
+    )
+    args = AlignArguments(
+        output_dir=str(tmp_path / "run"), dataset="unused.jsonl", mixed_precision="bf16", report_to="none", cpu=True,
+        validation_prompts=[],
+    )  # fmt: skip
+    try:
+        encoder = train_align.build_stage(model_args, args, make_accelerator(args)).parts.encoder
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    reference = dict(TextAdapter.from_pretrained(tiny_models["adapter"]).named_parameters())
+    trained = dict(encoder.adapter.named_parameters())
+    assert trained.keys() == reference.keys()
+    assert all(torch.equal(trained[name], reference[name]) for name in reference)  # fp32, not rounded
+    assert not all(torch.equal(p, p.bfloat16().float()) for p in reference.values())  # rounding would show
+    assert encoder.t5.encoder.shared.weight.dtype == torch.bfloat16
