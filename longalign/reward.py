@@ -238,7 +238,8 @@ def crop_and_resize(
     `images` (B, 3, H, W). With `random_crop`, each image gets its own crop of 504/512 of each side
     (504 px of a 512 px image, against blocky artefacts; scaled to other resolutions), offsets drawn
     from `generator` (or the global torch RNG). The result is resized so its shorter side is `size`
-    (bicubic, antialiased) and centre-cropped to (B, 3, size, size). No-op steps are skipped.
+    (bilinear, antialiased: the released `transforms.Resize((224, 224))` on tensors) and
+    centre-cropped to (B, 3, size, size). No-op steps are skipped.
     """
     _, _, height, width = images.shape
     if random_crop:
@@ -254,7 +255,7 @@ def crop_and_resize(
     if min(height, width) != size:
         scale = size / min(height, width)
         new_size = (max(size, round(height * scale)), max(size, round(width * scale)))
-        images = F.interpolate(images, size=new_size, mode="bicubic", antialias=True, align_corners=False)
+        images = F.interpolate(images, size=new_size, mode="bilinear", antialias=True, align_corners=False)
         height, width = new_size
     if (height, width) != (size, size):
         top, left = (height - size) // 2, (width - size) // 2
@@ -378,7 +379,7 @@ class PreferenceModel(nn.Module):
         """Images (B, 3, H, W) in [0, 1] -> L2-normalised embeddings (B, E), differentiable.
 
         Preprocessing (`crop_and_resize`): a random crop of 504/512 of each side drawn from
-        `generator` (skip with `random_crop=False`), bicubic antialiased resize to the input size,
+        `generator` (skip with `random_crop=False`), bilinear antialiased resize to the input size,
         centre crop, CLIP mean/std. Gradients flow to `images`, never into the scorer's weights.
         """
         if images.ndim != 4 or images.shape[1] != 3:

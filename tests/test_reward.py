@@ -126,6 +126,14 @@ def test_crop_is_a_seeded_window_of_504_of_512():
     assert resized.shape == (2, 3, 16, 16)
 
 
+def test_resize_to_the_scorer_input_is_the_released_one():
+    """The release resizes the 504 px crop with torchvision's `Resize((224, 224))`: bilinear, antialiased."""
+    from torchvision import transforms
+
+    crops = torch.rand(2, 3, 504, 504)
+    torch.testing.assert_close(crop_and_resize(crops, 224, random_crop=False), transforms.Resize((224, 224))(crops))
+
+
 # --------------------------------------------------------------------- tiny CLIPModel
 @pytest.fixture(scope="module")
 def scorer(tiny_models):
