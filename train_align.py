@@ -15,7 +15,7 @@ import torch
 
 from longalign.config import AlignArguments, ModelArguments
 from longalign.data import build_train_dataset
-from longalign.diffusion import mse, pseudo_huber, sample_timesteps
+from longalign.diffusion import check_prediction_type, mse, pseudo_huber, sample_timesteps
 from longalign.loading import cli_entry
 from longalign.pipeline import LAVI_BRIDGE_ADAPTER
 from longalign.training import (
@@ -60,6 +60,7 @@ def build_stage(model_args: ModelArguments, args: AlignArguments, accelerator) -
     parts = load_stage_parts(
         model_args, args, accelerator, lora_name=STAGE, default_adapter=LAVI_BRIDGE_ADAPTER, train_adapter=args.train_adapter
     )
+    check_prediction_type(parts.noise_scheduler.config.prediction_type)  # align_loss's target: eps or v
     trainable = {"unet": parts.unet}
     if args.train_adapter and parts.encoder.adapter is not None:
         parts.encoder.adapter.requires_grad_(True)

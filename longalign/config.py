@@ -141,6 +141,11 @@ class LcmArguments(TrainingArguments):
     teacher_guidance_scale: float = field(default=7.5, metadata={"help": "teacher CFG scale (LCM form)"})
     num_ddim_timesteps: int = field(default=50, metadata={"help": "DDIM solver steps over the 1000 training timesteps"})
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_ddim_timesteps < 1:  # the scheduler's training timesteps bound it above (lcm_timesteps)
+            raise UserError(f"--num_ddim_timesteps must be positive (got {self.num_ddim_timesteps})")
+
 
 @dataclass
 class RewardArguments(TrainingArguments, RewardConfig):

@@ -44,7 +44,8 @@ def _alpha(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor | int, like: to
     return alpha.reshape(-1, *([1] * (like.ndim - 1)))
 
 
-def _check_prediction_type(prediction_type: str) -> None:
+def check_prediction_type(prediction_type: str) -> None:
+    """A `UserError` unless the scheduler's `prediction_type` is one the losses and solvers handle."""
     if prediction_type not in PREDICTION_TYPES:
         raise UserError(
             f"unsupported prediction_type '{prediction_type}'; choose one of: {', '.join(PREDICTION_TYPES)}"
@@ -73,7 +74,7 @@ def predict_x0_and_eps(
     eps = sqrt(a) v + sqrt(1-a) x_t (as in diffusers' DDIM/LCM schedulers). Shapes: model_output
     and latents (B, C, h, w), timesteps (B,) or int. Returns two float32 tensors (B, C, h, w).
     """
-    _check_prediction_type(prediction_type)
+    check_prediction_type(prediction_type)
     alpha = _alpha(alphas_cumprod, timesteps, latents)
     sqrt_a, sqrt_1ma = alpha.sqrt(), (1 - alpha).sqrt()
     if prediction_type == "epsilon":
@@ -192,6 +193,8 @@ def sample_lcm_timesteps(
     """
     if scheme not in LCM_TIMESTEP_SCHEMES:
         raise UserError(f"unknown LCM timestep scheme '{scheme}'; choose one of: {', '.join(LCM_TIMESTEP_SCHEMES)}")
+    if not 1 <= num_ddim_timesteps <= num_train_timesteps:
+        raise UserError(f"--num_ddim_timesteps must be in [1, {num_train_timesteps}] (got {num_ddim_timesteps})")
     step = num_train_timesteps // num_ddim_timesteps
     gen_device = generator.device if generator is not None else torch.device("cpu")
     if scheme == "released":
@@ -361,7 +364,7 @@ def _initial_noise(
 
 def _schedule(noise_scheduler: Any) -> tuple[torch.Tensor, str, int]:
     prediction_type = noise_scheduler.config.prediction_type
-    _check_prediction_type(prediction_type)
+    check_prediction_type(prediction_type)
     return noise_scheduler.alphas_cumprod, prediction_type, int(noise_scheduler.config.num_train_timesteps)
 
 

@@ -197,6 +197,9 @@ def test_sample_lcm_timesteps():
     assert torch.equal(start, again)
     with pytest.raises(UserError, match="released, ddim_grid"):
         diffusion.sample_lcm_timesteps(2, scheme="uniform")
+    for bad in (0, 1001):  # 1000 // 0 fails; above 1000 the step is 0, so t' = t and the target is the student's own
+        with pytest.raises(UserError, match="--num_ddim_timesteps"):
+            diffusion.sample_lcm_timesteps(2, num_ddim_timesteps=bad)
 
 
 def test_losses_and_timesteps():

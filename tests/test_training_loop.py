@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from longalign.config import AlignArguments, ModelArguments, RewardArguments
+from longalign.config import AlignArguments, LcmArguments, ModelArguments, RewardArguments
 from longalign.data import CaptionDataset, DataSettings
 from longalign.loading import UserError
 from longalign.training import (
@@ -94,6 +94,8 @@ def test_stage_arguments_are_checked():
         AlignArguments(checkpoints_total_limit=0)
     with pytest.raises(UserError, match="contradict"):
         AlignArguments(resume_from="latest", overwrite=True)
+    with pytest.raises(UserError, match="--num_ddim_timesteps"):
+        LcmArguments(num_ddim_timesteps=0)
     assert RewardArguments().train_batch_size == 8 and RewardArguments().text_irrelevant_weight == "0.3"
     assert AlignArguments().learning_rate == 3e-5 and AlignArguments().max_grad_norm == 0.3
 
@@ -246,3 +248,20 @@ def test_a_trained_adapter_starts_from_the_files_fp32_weights_under_bf16(tmp_pat
     assert all(torch.equal(trained[name], reference[name]) for name in reference)  # fp32, not rounded
     assert not all(torch.equal(p, p.bfloat16().float()) for p in reference.values())  # rounding would show
     assert encoder.t5.encoder.shared.weight.dtype == torch.bfloat16
+
+
+def test_align_refuses_a_scheduler_whose_prediction_type_it_cannot_train(tmp_path, tiny_models):
+    """align_loss's target is eps or v; a `sample`-prediction UNet would silently train toward v."""
+    import json
+    import shutil
+
+    import train_align
+
+    sd15 = tmp_path / "sd15"
+    shutil.copytree(tiny_models["sd15"], sd15)
+    config_file = sd15 / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "prediction_type": "sample"}))
+    model_args = ModelArguments(pretrained_model=str(sd15), t5_model=str(tiny_models["t5"]), adapter=str(tiny_models["adapter"]))
+    args = AlignArguments(output_dir=str(tmp_path / "run"), dataset="unused.jsonl", mixed_precision="no", cpu=True, report_to="none")
+    with pytest.raises(UserError, match="unsupported prediction_type 'sample'"):
+        train_align.build_stage(model_args, args, make_accelerator(args))
