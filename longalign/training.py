@@ -562,6 +562,7 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
     running: dict[str, float] = {}  # sums over this optimizer step's successful micro-steps
     counted = 0
     while state["global_step"] < max_steps:
+        epoch_start_step = state["global_step"]
         for batch in loader:
             monitor.update(batch)
             sampler.advance(batch["num_rows"])
@@ -575,33 +576,46 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
                 all_rows = every_rank(accelerator, bool(batch["caption"]))
                 loss, logs = stage.loss_fn(parts, batch, generator) if all_rows else (None, {})
                 all_finite = all_rows and every_rank(accelerator, bool(torch.isfinite(loss.detach())))
-                grad_norm = None
+                grad_norm, finite_grads = None, True
                 if all_rows and all_finite:
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients:
+                    if accelerator.sync_gradients:  # (earlier micro-steps' optimizer.step is a no-op anyway)
                         grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                    optimizer.step()
-                    if accelerator.sync_gradients and not optimizer.step_was_skipped:  # fp16 overflow skips
-                        lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                        # The norm is of the all-reduced gradients, so every rank decides alike. Under
+                        # fp16 the grad scaler skips an overflowing step itself and lowers its scale.
+                        finite_grads = accelerator.scaler is not None or bool(torch.isfinite(grad_norm))
+                        if finite_grads:
+                            optimizer.step()
+                            if not optimizer.step_was_skipped:  # fp16 overflow
+                                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)  # at the window's end only, as accelerate does
             state["micro_step"] += 1
             if all_rows and all_finite:
-                state["nonfinite_in_a_row"] = 0
                 counted += 1
                 for key, value in {"loss": loss.detach().float().item(), **logs}.items():
                     running[key] = running.get(key, 0.0) + float(value)
             elif not all_rows:
                 logger.warning("micro-step %d skipped: a batch had no usable rows", state["micro_step"])
             else:
-                state["nonfinite_in_a_row"] += 1
                 logger.warning("non-finite loss at micro-step %d: skipped", state["micro_step"])
+            if all_rows and not (all_finite and finite_grads):
+                if all_finite:
+                    logger.warning("non-finite gradient at micro-step %d: skipped", state["micro_step"])
+                state["nonfinite_in_a_row"] += 1  # since the last optimizer step
                 if state["nonfinite_in_a_row"] >= args.max_nonfinite_steps:
                     raise UserError(
-                        f"{state['nonfinite_in_a_row']} non-finite losses in a row; lower --learning_rate or use "
-                        "--mixed_precision bf16/no"
+                        f"{state['nonfinite_in_a_row']} non-finite losses or gradients without an optimizer step "
+                        "between them; lower --learning_rate or use --mixed_precision bf16/no"
                     )
             if not accelerator.sync_gradients:
                 continue
+            if not (all_rows and all_finite and finite_grads):
+                # No update: the window's gradients are dropped and the step is not counted, so
+                # global_step, the LR schedule and the checkpoints count optimizer steps only.
+                logger.warning("no optimizer step at micro-step %d: its window's gradients are dropped", state["micro_step"])
+                running, counted = {}, 0
+                continue
+            state["nonfinite_in_a_row"] = 0
             state["global_step"] += 1
             step = state["global_step"]
             logged = {key: value / max(counted, 1) for key, value in running.items()}
@@ -625,6 +639,8 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
             if step >= max_steps:
                 break
         else:
+            if state["global_step"] == epoch_start_step:
+                raise UserError("a whole epoch passed without an optimizer step (no usable rows, or none with finite gradients)")
             sampler.next_epoch()
     progress.close()
     check_ranks_agree(accelerator, params)

@@ -20,7 +20,7 @@ from longalign.data import CaptionDataset, DataSettings
 def main(out: str) -> None:
     args = AlignArguments(
         output_dir=f"{out}/run", dataset="unused.jsonl", train_batch_size=1, gradient_accumulation_steps=1,
-        mixed_precision="no", report_to="none", dataloader_num_workers=0, max_train_steps=4, cpu=True,
+        mixed_precision="no", report_to="none", dataloader_num_workers=0, max_train_steps=2, cpu=True,
         validation_prompts=[], max_bad_fraction=0.9, learning_rate=0.1, lr_warmup_steps=0,
     )  # fmt: skip
     accelerator = training.make_accelerator(args)

@@ -1,6 +1,7 @@
 """The shared loop in-process: non-finite losses, argument checks, safetensors-only checkpoints (issue 5)."""
 
 import importlib.util
+import json
 import logging
 from pathlib import Path
 
@@ -28,7 +29,7 @@ class StopTraining(Exception):
     pass
 
 
-def tiny_loop(tmp_path, loss_fn, max_nonfinite_steps=5, module=None, **overrides):
+def tiny_loop(tmp_path, loss_fn, max_nonfinite_steps=5, module=None, table=None, **overrides):
     """Run the real loop on a small module and a caption-only dataset; returns the trained module."""
     settings = dict(
         output_dir=str(tmp_path / "run"), dataset="unused.jsonl", train_batch_size=2, gradient_accumulation_steps=1,
@@ -36,7 +37,7 @@ def tiny_loop(tmp_path, loss_fn, max_nonfinite_steps=5, module=None, **overrides
         max_nonfinite_steps=max_nonfinite_steps, validation_prompts=[],
     )  # fmt: skip
     args = AlignArguments(**(settings | overrides))
-    table = [{"path": f"{i}.png", "caption": f"caption {i}"} for i in range(8)]
+    table = table or [{"path": f"{i}.png", "caption": f"caption {i}"} for i in range(8)]
     torch.manual_seed(0)
     unet = module if module is not None else nn.Linear(3, 3)
     parts = StageParts(unet=unet, vae=None, encoder=None, noise_scheduler=None, weight_dtype=torch.float32)
@@ -73,8 +74,42 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path, caplog):
     assert caplog.text.count("non-finite loss") == 2
     assert torch.equal(calls[0], calls[2])  # skipped steps never touched the weights
 
-    with pytest.raises(UserError, match="3 non-finite losses in a row"):
+    with pytest.raises(UserError, match="3 non-finite losses or gradients without an optimizer step"):
         tiny_loop(tmp_path / "again", lambda parts, batch, generator: (parts.unet.weight.sum() * float("inf"), {}), 3)
+
+
+def test_a_window_without_an_optimizer_step_is_not_counted(tmp_path, no_final):
+    """A non-finite loss at a window's last micro-step, or a finite loss with a non-finite gradient,
+    means no optimizer step: the step is not counted (nor checkpointed), the weights stay finite, and
+    a run that can never step stops instead of counting steps that changed nothing."""
+    calls = []
+
+    def nan_gradient_on_the_second_call(parts, batch, generator):
+        calls.append(None)
+        y = parts.unet(torch.ones(1, 3)).sum()
+        if len(calls) == 2:  # finite value, NaN gradient
+            return y + ((y - y.detach()) ** 2).sqrt(), {}
+        return y, {}
+
+    trained = tiny_loop(tmp_path / "grad", nan_gradient_on_the_second_call, max_train_steps=3, checkpointing_steps=1)
+    assert len(calls) == 4 and torch.isfinite(trained.weight).all()
+    checkpoints = sorted(p.name for p in (tmp_path / "grad" / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["step_0000001", "step_0000002", "step_0000003"]
+    state = json.loads((tmp_path / "grad" / "run" / "checkpoints" / "step_0000003" / "training_state.json").read_text())
+    assert state["micro_step"] == 4 and state["lr_scheduler"]["last_epoch"] == 3
+
+    def nan_at_every_window_end(parts, batch, generator):
+        calls.append(None)
+        return parts.unet(torch.ones(1, 3)).sum() * (float("nan") if len(calls) % 2 == 0 else 1.0), {}
+
+    calls.clear()
+    with pytest.raises(UserError, match="2 non-finite losses or gradients without an optimizer step"):
+        tiny_loop(tmp_path / "window", nan_at_every_window_end, 2, gradient_accumulation_steps=2, checkpointing_steps=1)
+    assert len(calls) == 4 and not (tmp_path / "window" / "run" / "checkpoints").exists()
+
+    empty_captions = [{"path": f"{i}.png", "caption": ""} for i in range(4)]  # every row is a bad row
+    with pytest.raises(UserError, match="a whole epoch passed without an optimizer step"):
+        tiny_loop(tmp_path / "empty", lambda parts, batch, generator: (parts.unet.weight.sum(), {}), table=empty_captions, max_bad_fraction=1.0)
 
 
 def test_stage_arguments_are_checked():
@@ -238,6 +273,7 @@ def test_a_trained_adapter_starts_from_the_files_fp32_weights_under_bf16(tmp_pat
         output_dir=str(tmp_path / "run"), dataset="unused.jsonl", mixed_precision="bf16", report_to="none", cpu=True,
         validation_prompts=[],
     )  # fmt: skip
+    AcceleratorState._reset_state(reset_partial_state=True)  # earlier tests made one without mixed precision
     try:
         encoder = train_align.build_stage(model_args, args, make_accelerator(args)).parts.encoder
     finally:
@@ -252,7 +288,6 @@ def test_a_trained_adapter_starts_from_the_files_fp32_weights_under_bf16(tmp_pat
 
 def test_align_refuses_a_scheduler_whose_prediction_type_it_cannot_train(tmp_path, tiny_models):
     """align_loss's target is eps or v; a `sample`-prediction UNet would silently train toward v."""
-    import json
     import shutil
 
     import train_align
