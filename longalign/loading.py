@@ -82,16 +82,34 @@ def load_pretrained(cls: Any, name: str, what: str, subfolder: str | None = None
         kwargs["subfolder"] = subfolder
         if os.path.isdir(source) and not os.path.isdir(os.path.join(source, subfolder)):
             raise UserError(f"{what} not found: '{source}' has no '{subfolder}/' folder")
+    where = f"{name}/{subfolder}" if subfolder else name
     try:
-        return cls.from_pretrained(source, **kwargs)
+        if not _is_model(cls):  # tokenizers, schedulers, pipelines
+            return cls.from_pretrained(source, **kwargs)
+        model, info = cls.from_pretrained(source, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as error:
-        where = f"{name}/{subfolder}" if subfolder else name
         if os.path.exists(source):
             raise UserError(
                 f"could not load {what} from '{where}' ({_first_line(error)}): the folder is incomplete, "
                 "damaged or holds another kind of model"
             ) from None
         raise _hub_hint(where, what, error) from None
+    # transformers and diffusers leave weights the files lack at their random initial values, with a
+    # warning only: refuse instead. Extra weights in the files (T5's decoder) are fine.
+    missing = list(info.get("missing_keys") or []) + [str(key) for key in info.get("mismatched_keys") or []]
+    if missing:
+        raise UserError(
+            f"{what} at '{where}' lacks {len(missing)} of {cls.__name__}'s weights (e.g. {missing[0]}): "
+            "the folder is damaged or holds another kind of model"
+        )
+    return model
+
+
+def _is_model(cls: Any) -> bool:
+    """Whether `cls` is a torch module class (whose `from_pretrained` can report its loading)."""
+    import torch
+
+    return isinstance(cls, type) and issubclass(cls, torch.nn.Module)
 
 
 def _hub_file(repo: str, filename: str, what: str) -> str:

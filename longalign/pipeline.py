@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from diffusers import LCMScheduler, StableDiffusionPipeline, UniPCMultistepScheduler
+from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel, UniPCMultistepScheduler
 
 from .loading import UserError, load_pretrained, local_path
 from .text_encoding import SD15, T5_LARGE, LongPromptEncoder, PromptReport
@@ -136,6 +136,9 @@ class LongPromptPipeline:
             pretrained_model, t5_model, adapter, mode, token_length, segmenter, device=device, dtype=dtype
         )
         shared = {"text_encoder": encoder.clip.text_encoder, "tokenizer": encoder.clip.tokenizer} if encoder.clip else {}
+        # UNet and VAE through load_pretrained too, which refuses a folder that lacks their weights
+        shared["unet"] = load_pretrained(UNet2DConditionModel, pretrained_model, "UNet", subfolder="unet", dtype=dtype)
+        shared["vae"] = load_pretrained(AutoencoderKL, pretrained_model, "VAE", subfolder="vae", dtype=dtype)
         pipe = load_pretrained(
             StableDiffusionPipeline,
             pretrained_model,

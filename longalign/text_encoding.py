@@ -342,6 +342,11 @@ class LongPromptEncoder(nn.Module):
                 f"adapter out_dim {adapter.config.out_dim} does not match the CLIP width "
                 f"{clip.pad_embedding.shape[-1]}: the adapter belongs to another model"
             )
+        if needs_t5 and adapter.config.in_dim != t5.encoder.config.d_model:
+            raise UserError(
+                f"adapter in_dim {adapter.config.in_dim} does not match the T5 width "
+                f"{t5.encoder.config.d_model}: the adapter belongs to another T5"
+            )
         self.mode = mode
         self.clip = clip if mode != "t5" else None
         self.t5 = t5 if needs_t5 else None

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -176,6 +177,19 @@ def test_missing_and_partial_checkpoints(tiny_models, tmp_path, capsys):
     flags = small(tiny_models)
     flags[flags.index("--pretrained_model") + 1] = str(no_unet)
     expect_user_error(flags, capsys, "sd15_without_unet")
+
+
+def test_unet_folder_with_renamed_weights_is_refused(tiny_models, tmp_path, capsys):
+    """diffusers left the missing weights on the meta device and failed later with a traceback."""
+    from safetensors.torch import load_file, save_file
+
+    sd15 = tmp_path / "sd15"
+    shutil.copytree(tiny_models["sd15"], sd15)
+    weights = sd15 / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({f"renamed.{key}": value for key, value in load_file(weights).items()}, weights)
+    flags = small(tiny_models)
+    flags[flags.index("--pretrained_model") + 1] = str(sd15)
+    expect_user_error(flags, capsys, "UNet at", "of UNet2DConditionModel's weights", "damaged")
 
 
 def test_lora_for_another_unet_is_refused(tiny_models, tmp_path, capsys):

@@ -330,9 +330,30 @@ def test_damaged_local_folder_is_named_as_local(tiny_models, tmp_path):
 
 
 def test_adapter_from_another_model_is_refused(tiny_models, tmp_path):
-    TextAdapter(in_dim=32, int_dim=24, out_dim=16).save_pretrained(tmp_path)
-    with pytest.raises(UserError, match="another model"):
-        LongPromptEncoder.from_pretrained(tiny_models["sd15"], tiny_models["t5"], tmp_path)
+    TextAdapter(in_dim=32, int_dim=24, out_dim=16).save_pretrained(tmp_path / "clip")
+    with pytest.raises(UserError, match="out_dim 16 does not match the CLIP width"):
+        LongPromptEncoder.from_pretrained(tiny_models["sd15"], tiny_models["t5"], tmp_path / "clip")
+    width = TextAdapter.from_pretrained(tiny_models["adapter"]).config.out_dim
+    TextAdapter(in_dim=48, int_dim=24, out_dim=width).save_pretrained(tmp_path / "t5")
+    with pytest.raises(UserError, match="in_dim 48 does not match the T5 width"):
+        LongPromptEncoder.from_pretrained(tiny_models["sd15"], tiny_models["t5"], tmp_path / "t5")
+
+
+@pytest.mark.parametrize("part", ["t5", "text_encoder"])
+def test_weights_missing_from_a_folder_are_refused_not_left_random(tiny_models, tmp_path, part):
+    """transformers leaves weights a checkpoint lacks at their random initial values with a
+    warning only; a renamed or foreign checkpoint must be refused in one line."""
+    from safetensors.torch import load_file, save_file
+
+    t5, sd15 = tmp_path / "t5", tmp_path / "sd15"
+    shutil.copytree(tiny_models["t5"], t5)
+    shutil.copytree(tiny_models["sd15"], sd15)
+    weights = (t5 if part == "t5" else sd15 / "text_encoder") / "model.safetensors"
+    save_file({f"renamed.{key}": value for key, value in load_file(weights).items()}, weights)
+    what = "T5 encoder" if part == "t5" else "CLIP text encoder"
+    with pytest.raises(UserError, match=f"{what} at .* lacks .* weights .*damaged or holds another kind of model") as caught:
+        LongPromptEncoder.from_pretrained(sd15, t5, tiny_models["adapter"])
+    assert "\n" not in str(caught.value)
 
 
 def test_empty_tokenizer_folder_is_refused(tiny_models, tmp_path):
