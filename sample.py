@@ -57,7 +57,7 @@ def read_prompts(args: SampleArguments) -> list[str]:
     if args.prompt is not None:
         return [args.prompt]
     try:
-        with open(args.prompt_file, encoding="utf-8") as handle:
+        with open(args.prompt_file, encoding="utf-8-sig") as handle:  # -sig: a byte-order mark is not text
             prompts = [line.strip() for line in handle if line.strip()]
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"cannot read --prompt_file '{args.prompt_file}': {error.__class__.__name__}: {error}") from None
@@ -69,6 +69,10 @@ def read_prompts(args: SampleArguments) -> list[str]:
 def resolve_device(args: SampleArguments) -> tuple[str, torch.dtype]:
     """Device and dtype: CUDA in float16 when available, else CPU in float32."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown --device '{device}'; e.g. cuda, cuda:1, cpu") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
     dtype_name = args.dtype or ("float16" if device.startswith("cuda") else "float32")
@@ -85,13 +89,15 @@ def main(argv: list[str] | None = None) -> None:
     spec = get_sampler(args.sampler)
     steps = spec.steps if args.steps is None else args.steps
     guidance_scale = spec.guidance_scale if args.guidance_scale is None else args.guidance_scale
-    validate_generation(steps, args.height, args.width)
+    validate_generation(steps, args.height, args.width, spec.max_steps)
     for flag, value in {"--num_images": args.num_images, "--batch_size": args.batch_size}.items():
         if value < 1:
             raise UserError(f"{flag} must be at least 1 (got {value})")
     if not model_args.init_from and model_args.adapter is None:
         model_args.init_from, model_args.adapter = list(LONGSD_LORAS), LONGSD_ADAPTER
         print(f"using the released LongSD weights: {LONGSD_ADAPTER}, {', '.join(LONGSD_LORAS)}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out '{args.out}' is a file, not a folder")
     for index, prompt in enumerate(prompts):
         if not prompt.strip():
             print(f"prompt {index} is empty: unconditional generation")
@@ -176,7 +182,13 @@ def already_made(out: str, prompt_index: int, prompt: str, k: int, seed: int, se
 
 
 def write_image(stem: str, image, sidecar: dict) -> None:
-    """Write `stem.png`, then `stem.json` (which marks it complete), each through a rename."""
+    """Write `stem.png`, then `stem.json` (which marks it complete), each through a rename.
+
+    An older sidecar goes first: cut off between the two writes, a regenerated (`--overwrite`)
+    image must not be left beside the sidecar of the image it replaced.
+    """
+    if os.path.exists(stem + ".json"):
+        os.remove(stem + ".json")
     image.save(stem + ".png.tmp", format="PNG")
     os.replace(stem + ".png.tmp", stem + ".png")
     with open(stem + ".json.tmp", "w", encoding="utf-8") as handle:

@@ -36,17 +36,19 @@ class ReleasedLCMScheduler(LCMScheduler):
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A sampler and its defaults: scheduler class, steps, guidance scale."""
+    """A sampler and its defaults: scheduler class, steps, guidance scale, and the most steps it takes
+    (LCM: its `original_inference_steps` grid of 50; UniPC: below SD1.5's 1000 training timesteps)."""
 
     scheduler: type
     steps: int
     guidance_scale: float
+    max_steps: int
 
 
 SAMPLERS: dict[str, SamplerSpec] = {
-    "unipc": SamplerSpec(UniPCMultistepScheduler, 25, 7.5),
-    "lcm": SamplerSpec(ReleasedLCMScheduler, 4, 0.0),
-    "lcm_standard": SamplerSpec(LCMScheduler, 4, 0.0),
+    "unipc": SamplerSpec(UniPCMultistepScheduler, 25, 7.5, 999),
+    "lcm": SamplerSpec(ReleasedLCMScheduler, 4, 0.0, 50),
+    "lcm_standard": SamplerSpec(LCMScheduler, 4, 0.0, 50),
 }
 
 
@@ -57,10 +59,13 @@ def get_sampler(name: str) -> SamplerSpec:
     return SAMPLERS[name]
 
 
-def validate_generation(steps: int, height: int, width: int) -> None:
-    """Refuse settings diffusers would fail on deep inside: no steps, sizes not multiples of 8."""
+def validate_generation(steps: int, height: int, width: int, max_steps: int | None = None) -> None:
+    """Refuse settings diffusers would fail on deep inside: no steps (or more than the sampler's
+    `max_steps`), sizes not multiples of 8."""
     if steps < 1:
         raise UserError(f"--steps must be at least 1 (got {steps})")
+    if max_steps is not None and steps > max_steps:
+        raise UserError(f"--steps {steps}: this sampler takes at most {max_steps}")
     if height % 8 or width % 8 or min(height, width) < 8:
         raise UserError(f"--height and --width must be positive multiples of 8 (got {height}x{width})")
 

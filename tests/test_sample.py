@@ -155,6 +155,36 @@ def test_bad_sizes_and_steps(tiny_models, capsys, monkeypatch):
     expect_user_error([*small(tiny_models), "--dtype", "float64"], capsys, "--dtype")
     expect_user_error([*small(tiny_models), "--batch_size", "0"], capsys, "--batch_size")
     expect_user_error([*small(tiny_models), "--sampeler", "lcm"], capsys, "unknown flag(s) --sampeler lcm")
+    expect_user_error([*small(tiny_models), "--sampler", "lcm", "--steps", "51"], capsys, "--steps 51", "at most 50")
+    expect_user_error([*small(tiny_models), "--device", "foo"], capsys, "unknown --device 'foo'")
+
+
+def test_out_that_is_a_file_is_refused(tiny_models, tmp_path, capsys):
+    (tmp_path / "images").write_text("not a folder")
+    expect_user_error([*small(tiny_models), "--out", str(tmp_path / "images")], capsys, "is a file, not a folder")
+
+
+def test_prompt_file_with_a_byte_order_mark(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\nA dog.\n", encoding="utf-8-sig")  # as Windows Notepad saves it
+    args = sample.SampleArguments(prompt_file=str(prompts))
+    assert sample.read_prompts(args) == ["a cat", "A dog."]
+
+
+def test_regenerating_an_image_drops_its_old_sidecar_first(tmp_path, monkeypatch):
+    """Cut off between the PNG and the sidecar, an --overwrite run must not leave the new image
+    beside the old image's sidecar, which a later run would take for a finished image."""
+    stem = str(tmp_path / "0000_00")
+    sample.write_image(stem, Image.new("RGB", (8, 8), "red"), {"steps": 4})
+
+    def cut_off(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample.json, "dump", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        sample.write_image(stem, Image.new("RGB", (8, 8), "blue"), {"steps": 25})
+    assert Image.open(stem + ".png").getpixel((0, 0)) == (0, 0, 255)
+    assert not os.path.exists(stem + ".json")  # so the image is redone, not trusted
 
 
 def test_unreadable_prompt_file(tiny_models, tmp_path, capsys):
