@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     if not model_args.init_from and model_args.adapter is None:
         model_args.init_from, model_args.adapter = list(LONGSD_LORAS), LONGSD_ADAPTER
         print(f"using the released LongSD weights: {LONGSD_ADAPTER}, {', '.join(LONGSD_LORAS)}")
+    warn_about_stage_settings(model_args)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out '{args.out}' is a file, not a folder")
     for index, prompt in enumerate(prompts):
@@ -150,6 +151,19 @@ def main(argv: list[str] | None = None) -> None:
         progress.update(len(batch))
     progress.close()
     print(f"wrote {len(todo)} image(s) to {args.out}", file=sys.stderr)
+
+
+def warn_about_stage_settings(model_args: ModelArguments) -> None:
+    """Warn when an `--init_from` stage folder was trained with other encoder settings or models
+    (its `config.json`): its LoRA then sees a context it was not trained on."""
+    for source in model_args.init_from:
+        try:
+            with open(os.path.join(source, "config.json"), encoding="utf-8") as handle:
+                trained = json.load(handle).get("model", {})
+        except (OSError, ValueError, AttributeError):
+            continue  # not a stage folder of ours (a released .pt, a LoRA file, a hub path)
+        for difference in model_args.encoding_differences(trained):
+            logging.warning("%s was trained with %s", source, difference)
 
 
 def image_stem(out: str, prompt_index: int, k: int) -> str:

@@ -41,6 +41,22 @@ class ModelArguments:
     segmenter: str = field(default="sentences", metadata={"help": "prompt splitting: sentences (default) or legacy (released rule)"})
     token_length: int = field(default=240, metadata={"help": "tokens per branch (CLIP segments and T5) in the UNet context"})
 
+    # The settings a stage's LoRA is tied to: sampling it with others conditions the UNet differently.
+    ENCODING = ("pretrained_model", "t5_model", "encoder_mode", "segmenter", "token_length")
+
+    def encoding_flags(self) -> list[str]:
+        """`--flag value` for each of `ENCODING` that is not the default (for a model card's command)."""
+        defaults = ModelArguments()
+        return [f"--{name} {getattr(self, name)}" for name in self.ENCODING if getattr(self, name) != getattr(defaults, name)]
+
+    def encoding_differences(self, trained: dict) -> list[str]:
+        """`--flag`s of `ENCODING` whose value differs from `trained` (a stage's `config.json` "model")."""
+        return [
+            f"--{name} {trained[name]} (this run: {getattr(self, name)})"
+            for name in self.ENCODING
+            if name in trained and trained[name] != getattr(self, name)
+        ]
+
 
 VALIDATION_PROMPTS = (
     "A quiet harbour town at dusk. Three fishing boats with red hulls rest against a wooden pier, "

@@ -444,6 +444,7 @@ def model_card(stage: str, model_args: ModelArguments, args: TrainingArguments, 
     """A short README for `final/`: what it is, what it was trained on, how to sample with it."""
     init = " ".join(model_args.init_from) or "(none)"
     sampler_flag = "" if sampler == "unipc" else f"--sampler {sampler} "
+    encoding_flags = "".join(f"{flag} " for flag in model_args.encoding_flags())
     return (
         f"# LongAlign stage `{stage}`\n\n"
         f"UNet LoRA (rank {args.lora_rank}, scale 1) for Stable Diffusion 1.5 with long-prompt conditioning "
@@ -455,7 +456,7 @@ def model_card(stage: str, model_args: ModelArguments, args: TrainingArguments, 
         f"`config.json` (the resolved configuration)\n\n"
         "Sample with it:\n\n"
         f"```bash\npython sample.py --init_from {' '.join(model_args.init_from + [str(Path(args.output_dir) / 'final')])} "
-        f"{sampler_flag}--prompt \"...\"\n```\n"
+        f"{sampler_flag}{encoding_flags}--prompt \"...\"\n```\n"
     )
 
 

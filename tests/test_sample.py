@@ -89,6 +89,16 @@ def test_loras_change_the_images(tiny_models, loras, tmp_path):
     assert np.abs(plain - with_lora).sum() > 0
 
 
+def test_a_stage_trained_with_other_encoder_settings_is_named(tiny_models, loras, tmp_path, caplog):
+    stage = tmp_path / "align-final"
+    shutil.copytree(loras / "align", stage)
+    (stage / "config.json").write_text(json.dumps({"stage": "align", "model": {"token_length": 120, "segmenter": "sentences"}}))
+    flags = [*small(tiny_models, stage), "--sampler", "lcm", "--out", str(tmp_path / "out")]
+    sample.main(flags)
+    assert f"{stage} was trained with --token_length 120 (this run: 240)" in caplog.text
+    assert "--segmenter" not in caplog.text  # the same as this run's
+
+
 def test_empty_prompt_is_unconditional_generation(tiny_models, tmp_path):
     out = run_sample([*model_flags(tiny_models), "--prompt", "", "--sampler", "lcm", "--height", "64", "--width", "64", "--out", str(tmp_path)], tmp_path)
     assert "empty: unconditional generation" in out

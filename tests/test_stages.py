@@ -68,6 +68,8 @@ def test_chain_writes_final_artifacts(chain):
         card = (final / "README.md").read_text()
         assert card.startswith(f"# LongAlign stage `{stage}`")
         assert ("--sampler lcm" in card) == (stage in ("lcm", "reward_lcm")), stage  # LCM stages sample with LCM
+        assert f"--pretrained_model {config['model']['pretrained_model']} --t5_model" in card, stage  # not the defaults
+        assert "--token_length" not in card and "--segmenter" not in card, stage  # the defaults
         assert (final / "adapter").is_dir() == (stage == "align")
         assert (cwd / "runs" / f"{stage}-tiny" / "validation" / "step_0000002.png").exists()
         assert [d.name for d in checkpoint_dirs(cwd / "runs" / f"{stage}-tiny")] == ["step_0000002"]
