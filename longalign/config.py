@@ -7,6 +7,7 @@ The resolved configuration is written next to every output (`config.json`).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from .data import DataSettings
 from .loading import UserError
 from .reward import RewardConfig
 from .text_encoding import SD15, T5_LARGE
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -176,6 +179,12 @@ class RewardArguments(TrainingArguments, RewardConfig):
     num_train_epochs: int = field(default=1, metadata={"help": "epochs, unless --max_train_steps is given"})
     rollout: str = field(default="ddim_cfg", metadata={"help": "ddim_cfg (stage reward) or lcm (stage reward_lcm)"})
     guidance_scale: float = field(default=7.5, metadata={"help": "CFG scale of the ddim_cfg rollout"})
+
+    def __post_init__(self) -> None:
+        TrainingArguments.__post_init__(self)
+        RewardConfig.__post_init__(self)  # not reached through super(): DataSettings ends that chain
+        if self.rollout == "lcm" and self.guidance_scale != RewardArguments.guidance_scale:
+            logger.warning("--guidance_scale has no effect with --rollout lcm: the LCM rollout runs without CFG")
 
 
 def parse_flags(dataclass_types: Sequence[type], argv: list[str] | None = None) -> tuple[Any, ...]:

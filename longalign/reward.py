@@ -549,21 +549,34 @@ def save_common_direction(path: str | os.PathLike, direction: torch.Tensor, meta
     save_file(tensors, str(path), metadata={k: str(v) for k, v in (metadata or {}).items()})
 
 
-def load_common_direction(path: str | os.PathLike) -> torch.Tensor:
-    """Read V (E,) written by `save_common_direction`; a missing or foreign file is a `UserError`."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def load_common_direction(path: str | os.PathLike, model: str | None = None, mode: str | None = None) -> torch.Tensor:
+    """Read V (E,) written by `save_common_direction`; a missing or foreign file is a `UserError`.
+
+    V must be a unit vector (`decompose` assumes it). With `mode`, a file made in another text
+    mode is refused (`compute_common_direction` records it); with `model`, one made with another
+    preference model name gets a warning (the same model may go by a registry name or a folder).
+    """
+    from safetensors import SafetensorError, safe_open
 
     path = str(path)
     if not os.path.isfile(path):
         raise UserError(f"common direction file not found: '{path}' (make one with compute_common_direction)")
     try:
-        tensors = load_file(path)
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            direction = handle.get_tensor(DIRECTION_KEY) if DIRECTION_KEY in handle.keys() else None
     except (SafetensorError, OSError) as error:
         raise UserError(f"could not read common direction file '{path}' ({error})") from None
-    if DIRECTION_KEY not in tensors or tensors[DIRECTION_KEY].ndim != 1:
+    if direction is None or direction.ndim != 1:
         raise UserError(f"'{path}' holds no 1-D '{DIRECTION_KEY}' tensor")
-    return tensors[DIRECTION_KEY]
+    norm = float(direction.float().norm())
+    if abs(norm - 1.0) > 1e-3:
+        raise UserError(f"'{path}': V has norm {norm:.4g}, not 1; write it with save_common_direction")
+    if mode is not None and metadata.get("mode", mode) != mode:
+        raise UserError(f"'{path}' was computed in text mode '{metadata['mode']}', this run uses '{mode}'")
+    if model is not None and metadata.get("model", model) != model:
+        logger.warning("'%s' was computed with preference model '%s'; this run uses '%s'", path, metadata["model"], model)
+    return direction
 
 
 @torch.no_grad()
@@ -608,19 +621,24 @@ class CommonDirection:
     """
 
     def __init__(self, mode: str = "batch", accelerator: Any = None, ema_decay: float = 0.99, path: str | None = None):
-        if mode not in DIRECTION_MODES:
-            raise UserError(f"unknown common direction mode '{mode}'; choose one of: {', '.join(DIRECTION_MODES)}")
-        if not 0.0 <= ema_decay < 1.0:
-            raise UserError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        self.check_settings(mode, ema_decay, path)
         self.mode = mode
         self.accelerator = accelerator
         self.ema_decay = float(ema_decay)
         self.ema: torch.Tensor | None = None
         self.steps = 0
         self._warned_single = False
+        self.fixed = load_common_direction(path) if mode == "file" else None
+
+    @staticmethod
+    def check_settings(mode: str, ema_decay: float, path: str | None) -> None:
+        """A `UserError` for an unknown mode, an EMA decay outside [0, 1), or file mode without a path."""
+        if mode not in DIRECTION_MODES:
+            raise UserError(f"unknown common direction mode '{mode}'; choose one of: {', '.join(DIRECTION_MODES)}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise UserError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if mode == "file" and path is None:
             raise UserError("common direction mode 'file' needs a path (--common_direction_file)")
-        self.fixed = load_common_direction(path) if mode == "file" else None
 
     def gathered_mean(self, values: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Mean of `values` (B, E) over this step's batch on every process -> ((E,), global B), no grad."""
@@ -685,6 +703,15 @@ class RewardConfig:
     released_loss_offset: bool = field(default=False, metadata={"help": "subtract the released constant 0.09 (1 - w)"})
     random_crop: bool = field(default=True, metadata={"help": "random 504/512 crop before the scorer (released)"})
 
+    def __post_init__(self) -> None:
+        """Check the options before any model loads (a typo must not cost loading SD1.5 and T5 first)."""
+        check_text_irrelevant_weight(self.text_irrelevant_weight)
+        if self.text_mode not in TEXT_MODES:
+            raise UserError(f"unknown text mode '{self.text_mode}'; choose one of: {', '.join(TEXT_MODES)}")
+        CommonDirection.check_settings(self.common_direction, self.common_direction_ema_decay, self.common_direction_file)
+        if self.common_direction == "file":
+            load_common_direction(self.common_direction_file, self.reward_model, self.text_mode)
+
 
 def decomposed_reward(
     preference_model: PreferenceModel,
@@ -748,9 +775,7 @@ class DecomposedReward:
         preference_model: PreferenceModel | None = None,
     ):
         self.config = config
-        self.weight = check_text_irrelevant_weight(config.text_irrelevant_weight)
-        if config.text_mode not in TEXT_MODES:
-            raise UserError(f"unknown text mode '{config.text_mode}'; choose one of: {', '.join(TEXT_MODES)}")
+        self.weight = check_text_irrelevant_weight(config.text_irrelevant_weight)  # RewardConfig checked the rest
         self.direction = CommonDirection(
             config.common_direction, accelerator, config.common_direction_ema_decay, config.common_direction_file
         )

@@ -1,6 +1,7 @@
 """Preference models and the decomposed reward (paper §4; METHOD.md §4), offline on tiny models."""
 
 import json
+import logging
 import math
 import os
 import socket
@@ -13,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from longalign.config import RewardArguments
 from longalign.loading import UserError
 from longalign.reward import (
     CommonDirection,
@@ -210,10 +212,15 @@ def test_gradients_reach_pixels_not_the_scorer(scorer):
 
 
 def test_decomposed_reward_object_validates_early_and_checkpoints_its_direction(scorer):
+    """The options are checked when the config is made, before the stage loads any model."""
     with pytest.raises(UserError, match="text_irrelevant_weight"):
-        DecomposedReward(RewardConfig(text_irrelevant_weight=""), preference_model=scorer)
+        RewardConfig(text_irrelevant_weight="")
     with pytest.raises(UserError, match="batch, ema, file"):
-        DecomposedReward(RewardConfig(common_direction="global"), preference_model=scorer)
+        RewardConfig(common_direction="global")
+    with pytest.raises(UserError, match="unknown text mode 'tokens'"):
+        RewardConfig(text_mode="tokens")
+    with pytest.raises(UserError, match="needs a path"):
+        RewardArguments(common_direction="file")
     config = RewardConfig(text_irrelevant_weight="auto", common_direction="ema", released_loss_offset=True)
     reward = DecomposedReward(config, preference_model=scorer)
     images = torch.rand(2, 3, 40, 40)
@@ -263,6 +270,23 @@ def test_ema_and_file_modes(tmp_path, scorer):
         CommonDirection("file")
     with pytest.raises(UserError, match="batch, ema, file"):
         CommonDirection("global")
+
+
+def test_a_direction_file_must_be_a_unit_vector_of_this_text_mode(tmp_path, scorer, caplog):
+    from safetensors.torch import save_file
+
+    from longalign.reward import DIRECTION_KEY
+
+    path = tmp_path / "direction.safetensors"
+    saved = compute_common_direction(scorer, PROMPTS, path=path)
+    with pytest.raises(UserError, match="computed in text mode 'segment', this run uses 'single'"):
+        RewardConfig(common_direction="file", common_direction_file=str(path), reward_model=scorer.name, text_mode="single")
+    with caplog.at_level(logging.WARNING, logger="longalign.reward"):
+        RewardConfig(common_direction="file", common_direction_file=str(path), reward_model="pickscore")
+    assert f"computed with preference model '{scorer.name}'; this run uses 'pickscore'" in caplog.text
+    save_file({DIRECTION_KEY: 3 * saved}, str(tmp_path / "scaled.safetensors"))  # decompose assumes |V| = 1
+    with pytest.raises(UserError, match="norm 3, not 1"):
+        CommonDirection("file", path=str(tmp_path / "scaled.safetensors"))
 
 
 def _free_port() -> int:

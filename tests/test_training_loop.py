@@ -300,3 +300,11 @@ def test_align_refuses_a_scheduler_whose_prediction_type_it_cannot_train(tmp_pat
     args = AlignArguments(output_dir=str(tmp_path / "run"), dataset="unused.jsonl", mixed_precision="no", cpu=True, report_to="none")
     with pytest.raises(UserError, match="unsupported prediction_type 'sample'"):
         train_align.build_stage(model_args, args, make_accelerator(args))
+
+
+def test_guidance_scale_with_the_lcm_rollout_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="longalign.config"):
+        RewardArguments(rollout="lcm", guidance_scale=3.0)
+        RewardArguments(rollout="lcm")  # the default: nothing to say
+        RewardArguments(guidance_scale=3.0)  # ddim_cfg uses it
+    assert caplog.text.count("--guidance_scale has no effect with --rollout lcm") == 1
