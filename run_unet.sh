@@ -36,6 +36,7 @@ if [ -n "${ACCELERATE_CONFIG:-}" ]; then
   launch=("$python" -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG")
 else
   gpus=${NUM_GPUS:-$("$python" -c "import torch; print(torch.cuda.device_count())")}
+  [[ $gpus =~ ^[0-9]+$ ]] || { echo "NUM_GPUS must be a whole number (got '$gpus')" >&2; exit 2; }
   if [ "$gpus" -gt 1 ]; then
     launch=("$python" -m accelerate.commands.launch --multi_gpu --num_processes "$gpus" --num_machines 1
             --dynamo_backend no --mixed_precision no)
@@ -46,4 +47,5 @@ else
   fi
 fi
 
-exec "${launch[@]}" "$here/$script" --output_dir "runs/$stage-$name" "${chain[@]}" "$@"
+# ${chain[@]+...}: an empty array (align) is an unbound variable to `set -u` in bash before 4.4
+exec "${launch[@]}" "$here/$script" --output_dir "runs/$stage-$name" ${chain[@]+"${chain[@]}"} "$@"

@@ -133,6 +133,15 @@ class TrainingArguments(DataSettings):
             raise UserError("--report_to wandb needs the wandb package (pip install wandb), or use tensorboard")
         if self.resume_from is not None and self.overwrite:
             raise UserError("--resume_from and --overwrite contradict each other; pick one")
+        positive = {"--learning_rate": self.learning_rate, "--max_grad_norm": self.max_grad_norm}
+        positive["--huber_c"] = getattr(self, "huber_c", 1.0)  # the align and lcm stages' pseudo-Huber c
+        for flag, value in positive.items():
+            if not value > 0:
+                raise UserError(f"{flag} must be positive (got {value})")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UserError(f"--lora_dropout must be in [0, 1) (got {self.lora_dropout})")
+        if self.dataloader_num_workers < 0:
+            raise UserError(f"--dataloader_num_workers must be 0 or more (got {self.dataloader_num_workers})")
 
 
 @dataclass

@@ -222,3 +222,8 @@ def test_two_processes_on_cpu(tmp_path, tiny_models, dataset):
     run(align_cmd(tiny_models, dataset, out, 4, "--resume_from", "latest", *warmup), tmp_path)
     state = json.loads((out / "checkpoints" / "step_0000004" / "training_state.json").read_text())
     assert state["lr_scheduler"]["_last_lr"] == pytest.approx([1e-3 * 4 / 10])
+
+
+def test_run_unet_refuses_a_num_gpus_that_is_not_a_number(tmp_path):
+    result = run(["bash", str(ROOT / "run_unet.sh"), "align", "x"], tmp_path, env={"NUM_GPUS": "two"}, check=False)
+    assert result.returncode == 2 and "NUM_GPUS must be a whole number (got 'two')" in result.stdout

@@ -131,6 +131,14 @@ def test_stage_arguments_are_checked():
         AlignArguments(resume_from="latest", overwrite=True)
     with pytest.raises(UserError, match="--num_ddim_timesteps"):
         LcmArguments(num_ddim_timesteps=0)
+    for flags, match in [
+        (dict(lora_dropout=1.5), "--lora_dropout must be in"), (dict(max_grad_norm=0.0), "--max_grad_norm must be positive"),
+        (dict(learning_rate=-1e-5), "--learning_rate"), (dict(huber_c=0.0), "--huber_c"), (dict(dataloader_num_workers=-1), "--dataloader_num_workers"),
+    ]:  # fmt: skip
+        with pytest.raises(UserError, match=match):
+            AlignArguments(**flags)
+    with pytest.raises(UserError, match="--huber_c"):
+        LcmArguments(huber_c=-1.0)
     assert RewardArguments().train_batch_size == 8 and RewardArguments().text_irrelevant_weight == "0.3"
     assert AlignArguments().learning_rate == 3e-5 and AlignArguments().max_grad_norm == 0.3
 
