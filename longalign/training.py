@@ -562,8 +562,9 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
     progress = tqdm(total=max_steps, initial=state["global_step"], desc=stage.name, disable=not accelerator.is_local_main_process)
     running: dict[str, float] = {}  # sums over this optimizer step's successful micro-steps
     counted = 0
+    micro_steps_per_epoch = math.ceil(sampler.num_samples / args.train_batch_size)
+    last_update = state["micro_step"]  # the micro-step of the last optimizer step (or of the resume)
     while state["global_step"] < max_steps:
-        epoch_start_step = state["global_step"]
         for batch in loader:
             monitor.update(batch)
             sampler.advance(batch["num_rows"])
@@ -615,7 +616,10 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
                 # global_step, the LR schedule and the checkpoints count optimizer steps only.
                 logger.warning("no optimizer step at micro-step %d: its window's gradients are dropped", state["micro_step"])
                 running, counted = {}, 0
+                if state["micro_step"] - last_update > micro_steps_per_epoch + args.gradient_accumulation_steps:
+                    raise UserError("a whole epoch passed without an optimizer step (no usable rows, or none with finite gradients)")
                 continue
+            last_update = state["micro_step"]
             state["nonfinite_in_a_row"] = 0
             state["global_step"] += 1
             step = state["global_step"]
@@ -640,8 +644,6 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
             if step >= max_steps:
                 break
         else:
-            if state["global_step"] == epoch_start_step:
-                raise UserError("a whole epoch passed without an optimizer step (no usable rows, or none with finite gradients)")
             sampler.next_epoch()
     progress.close()
     check_ranks_agree(accelerator, params)
