@@ -254,3 +254,42 @@ def test_hub_ids_without_hub_access(tiny_models, capsys, monkeypatch):
     flags[flags.index("--t5_model") + 1] = "google-t5/t5-large"
     expect_user_error(flags, capsys, "google-t5/t5-large", "local folder")
     expect_user_error(["--prompt", "a cat", "--height", "64", "--width", "64"], capsys, "luping-liu/LongSD")
+
+
+def test_released_lcm_sampler_steps_to_the_x0_prediction(monkeypatch):
+    """The `lcm` sampler overrides LCMScheduler's boundary scalings with (0, 1); this holds only
+    while diffusers' `step` calls the method by that name, which a spy checks."""
+    from diffusers import LCMScheduler
+
+    from longalign.pipeline import ReleasedLCMScheduler
+    from longalign.tiny import SD15_SCHEDULER
+
+    scheduler = ReleasedLCMScheduler.from_config(dict(SD15_SCHEDULER))
+    assert scheduler.get_scalings_for_boundary_condition_discrete(19) == (0.0, 1.0)
+    assert LCMScheduler.from_config(dict(SD15_SCHEDULER)).get_scalings_for_boundary_condition_discrete(19) != (0.0, 1.0)
+    asked = []
+    monkeypatch.setattr(ReleasedLCMScheduler, "get_scalings_for_boundary_condition_discrete", lambda self, t: asked.append(t) or (1.0, 0.0))
+    scheduler.set_timesteps(4)
+    sample, eps = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    out = scheduler.step(eps, scheduler.timesteps[0], sample, generator=torch.Generator().manual_seed(0))
+    assert asked and torch.equal(out.denoised, sample)  # step used the override: denoised = 1 x_t + 0 x0
+
+
+def test_each_prompt_of_a_batch_conditions_its_own_image(tiny_models):
+    """The UNet sees [negative; prompts] under CFG, each row the encoding of its own prompt, in order
+    (the images of the tiny model barely differ by prompt, so the sample tests cannot see a mix-up)."""
+    from longalign.pipeline import LongPromptPipeline
+
+    pipeline = LongPromptPipeline.from_pretrained(
+        str(tiny_models["sd15"]), str(tiny_models["t5"]), str(tiny_models["adapter"]), []
+    )
+    pipeline.set_sampler("unipc")
+    seen = []
+    pipeline.pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True
+    )
+    prompts = ["A red circle on the left.", "A blue square. A green star on the right."]
+    pipeline(prompts, "blurry", steps=2, guidance_scale=7.5, height=64, width=64, generator=torch.Generator().manual_seed(0), show_progress=False)
+    expected = torch.cat([pipeline.encode(["blurry"])[0].expand(2, -1, -1), *(pipeline.encode([p])[0] for p in prompts)])
+    assert len(seen) == 2 and all(torch.allclose(context, expected, atol=1e-5) for context in seen)
+    assert not torch.allclose(expected[2], expected[3], atol=1e-3)  # the prompts do encode differently

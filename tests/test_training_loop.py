@@ -17,6 +17,7 @@ from longalign.training import (
     Stage,
     ValidationSettings,
     StageParts,
+    checkpoint_dirs,
     flatten_optimizer_state,
     make_accelerator,
     parse_stage_arguments,
@@ -316,3 +317,33 @@ def test_guidance_scale_with_the_lcm_rollout_warns(caplog):
         RewardArguments(rollout="lcm")  # the default: nothing to say
         RewardArguments(guidance_scale=3.0)  # ddim_cfg uses it
     assert caplog.text.count("--guidance_scale has no effect with --rollout lcm") == 1
+
+
+def test_checkpoints_total_limit_keeps_the_newest(tmp_path, no_final):
+    tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=5, checkpointing_steps=1, checkpoints_total_limit=2)
+    assert [p.name for p in checkpoint_dirs(str(tmp_path / "run"))] == ["step_0000004", "step_0000005"]
+
+
+def test_a_save_cut_off_midway_leaves_the_last_complete_checkpoint(tmp_path, no_final, monkeypatch):
+    """The real writer: a crash while step 3 is being saved leaves steps 1 and 2 intact, and a
+    resume starts from step 2 and ends where an uninterrupted run does."""
+    import longalign.training as training
+
+    straight = tiny_loop(tmp_path / "straight", data_and_noise_loss, max_train_steps=4, checkpointing_steps=1)
+    real, calls = training.flatten_optimizer_state, []
+
+    def crash_on_the_third_save(state):
+        calls.append(None)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the process dies half-way through writing step 3
+        return real(state)
+
+    monkeypatch.setattr(training, "flatten_optimizer_state", crash_on_the_third_save)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_loop(tmp_path / "cut", data_and_noise_loss, max_train_steps=4, checkpointing_steps=1)
+    monkeypatch.setattr(training, "flatten_optimizer_state", real)
+    run = tmp_path / "cut" / "run"
+    assert [p.name for p in checkpoint_dirs(str(run))] == ["step_0000001", "step_0000002"]
+    assert (run / "checkpoints" / ".tmp_step_0000003").is_dir()  # the partial save, ignored
+    resumed = tiny_loop(tmp_path / "cut", data_and_noise_loss, max_train_steps=4, checkpointing_steps=1, resume_from="latest")
+    assert all(torch.equal(value, resumed.state_dict()[name]) for name, value in straight.state_dict().items())
