@@ -24,7 +24,14 @@ from tqdm.auto import tqdm
 
 from longalign.config import ModelArguments, parse_flags
 from longalign.loading import UserError, cli_entry
-from longalign.pipeline import LONGSD_ADAPTER, LONGSD_LORAS, LongPromptPipeline, get_sampler, validate_generation
+from longalign.pipeline import (
+    LONGSD_ADAPTER,
+    LONGSD_LORAS,
+    LongPromptPipeline,
+    get_sampler,
+    resolve_sources,
+    validate_generation,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -103,19 +110,8 @@ def main(argv: list[str] | None = None) -> None:
         if not prompt.strip():
             print(f"prompt {index} is empty: unconditional generation")
     device, dtype = resolve_device(args)
-
-    pipeline = LongPromptPipeline.from_pretrained(
-        model_args.pretrained_model,
-        model_args.t5_model,
-        model_args.adapter,
-        model_args.init_from,
-        model_args.encoder_mode,
-        model_args.segmenter,
-        model_args.token_length,
-        device=device,
-        dtype=dtype,
-    )
-    pipeline.set_sampler(args.sampler)
+    sources = (model_args.pretrained_model, model_args.t5_model, model_args.adapter, model_args.init_from, model_args.encoder_mode)
+    *_, checkpoints = resolve_sources(*sources)
     settings = {  # the same for every image; one JSON round trip, so it compares equal to a saved sidecar
         "negative_prompt": args.negative_prompt,
         "sampler": args.sampler,
@@ -124,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         "height": args.height,
         "width": args.width,
         "dtype": str(dtype).replace("torch.", ""),
-        "checkpoints": pipeline.checkpoints,
+        "checkpoints": checkpoints,
         "encoder": {"mode": model_args.encoder_mode, "segmenter": model_args.segmenter, "token_length": model_args.token_length},
     }
     settings = json.loads(json.dumps(settings))
@@ -137,6 +133,12 @@ def main(argv: list[str] | None = None) -> None:
     others = [path for path in glob.glob(os.path.join(args.out, "[0-9]*_[0-9]*.json")) if path not in this_run]
     if others:
         print(f"note: {len(others)} other image(s) in {args.out} are not part of this run and are left as they are")
+    if not todo:
+        return  # before loading any model: a finished run is checked in seconds
+    pipeline = LongPromptPipeline.from_pretrained(
+        *sources, model_args.segmenter, model_args.token_length, device=device, dtype=dtype
+    )
+    pipeline.set_sampler(args.sampler)
     progress = tqdm(total=len(todo), desc="images", disable=len(todo) <= 1)
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start : start + args.batch_size]

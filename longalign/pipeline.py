@@ -70,6 +70,18 @@ def validate_generation(steps: int, height: int, width: int, max_steps: int | No
         raise UserError(f"--height and --width must be positive multiples of 8 (got {height}x{width})")
 
 
+def resolve_sources(
+    pretrained_model: str, t5_model: str, adapter: str | None, init_from: Sequence[str], mode: str
+) -> tuple[list[str], str | None, dict]:
+    """Before anything loads: the local LoRA paths of `init_from`, the adapter folder (None in
+    `clip` mode) and the record of what a pipeline from them is made of (sidecars, model cards)."""
+    loras = [local_path(source, "LoRA") for source in init_from]
+    if mode != "clip":
+        adapter = local_path(stage_adapter(adapter, loras), "adapter")
+    checkpoints = {"pretrained_model": pretrained_model, "t5_model": t5_model, "adapter": adapter, "init_from": list(init_from)}
+    return loras, adapter, checkpoints
+
+
 def stage_adapter(adapter: str | None, init_from: Sequence[str]) -> str:
     """The adapter to use: `adapter` if given, else the `adapter/` of the last stage folder that has one.
 
@@ -134,9 +146,7 @@ class LongPromptPipeline:
         """
         from .lora import fuse_stage_loras
 
-        loras = [local_path(source, "LoRA") for source in init_from]
-        if mode != "clip":
-            adapter = local_path(stage_adapter(adapter, loras), "adapter")
+        loras, adapter, checkpoints = resolve_sources(pretrained_model, t5_model, adapter, init_from, mode)
         encoder = LongPromptEncoder.from_pretrained(
             pretrained_model, t5_model, adapter, mode, token_length, segmenter, device=device, dtype=dtype
         )
@@ -155,7 +165,6 @@ class LongPromptPipeline:
         )
         fuse_stage_loras(pipe.unet, loras)
         pipe.to(device)
-        checkpoints = {"pretrained_model": pretrained_model, "t5_model": t5_model, "adapter": adapter, "init_from": list(init_from)}
         return cls(pipe, encoder, checkpoints)
 
     def set_sampler(self, name: str) -> SamplerSpec:

@@ -139,6 +139,7 @@ def test_rerun_resumes_and_batching_keeps_each_seed(tiny_models, tmp_path, capsy
     assert {json.loads(p.read_text())["steps"] for p in batched.glob("*.json")} == {2}
     out = run_sample([*common[:-1], "1", "--steps", "2", "--out", str(batched)], tmp_path)  # --num_images 1
     assert "3 of 3 image(s) already in" in out and "note: 3 other image(s)" in out
+    assert "Loading weights" not in out  # nothing to make: no model was loaded
 
 
 # -------------------------------------------------------------------------------- bad input
