@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     if not model_args.init_from and model_args.adapter is None:
         model_args.init_from, model_args.adapter = list(LONGSD_LORAS), LONGSD_ADAPTER
         print(f"using the released LongSD weights: {LONGSD_ADAPTER}, {', '.join(LONGSD_LORAS)}")
+        if args.sampler != "unipc":
+            logging.warning("LongSD has no LCM LoRA: --sampler %s needs an lcm stage in --init_from for sharp images", args.sampler)
     warn_about_stage_settings(model_args)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out '{args.out}' is a file, not a folder")

@@ -257,20 +257,27 @@ class SegmentCLIPEncoder(nn.Module):
             if report.tokens_dropped:
                 report.cut_segment = cut_segment
                 report.cut_text = segments[cut_segment][:60] if cut_segment is not None else None
-                self._warn_cut(prompt_index, report, segments)
+                self._warn_cut(prompts[prompt_index], report, segments)
             reports.append(report)
         return torch.stack(outputs), reports  # (B, token_length, D)
 
-    def _warn_cut(self, prompt_index: int, report: PromptReport, segments: list[str]) -> None:
+    def _warn_cut(self, prompt: str, report: PromptReport, segments: list[str]) -> None:
         where = (
             f"segment {report.cut_segment + 1}/{len(segments)} ('{report.cut_text}...')"
             if report.cut_segment is not None
             else "inside over-long segments"
         )
         logger.warning(
-            "prompt %d: %d of %d CLIP content tokens dropped (token_length=%d); the cut fell in %s",
-            prompt_index, report.tokens_dropped, report.content_tokens, self.token_length, where,
+            "prompt %s: %d of %d CLIP content tokens dropped (token_length=%d); the cut fell in %s",
+            prompt_label(prompt), report.tokens_dropped, report.content_tokens, self.token_length, where,
         )
+
+
+def prompt_label(prompt: str) -> str:
+    """A prompt's opening words, quoted, to name it in a warning (an index would be the one within
+    its batch, not within the user's prompt file)."""
+    text = " ".join(prompt.split())
+    return repr(text if len(text) <= 40 else text[:40] + "...")
 
 
 # -------------------------------------------------------------------------------- T5 branch
@@ -297,11 +304,11 @@ class T5PromptEncoder(nn.Module):
         device = next(self.encoder.parameters()).device
         mask = batch["attention_mask"].to(device) if self.use_attention_mask else None
         hidden = self.encoder(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state
-        for index, count in enumerate(counts):
+        for prompt, count in zip(prompts, counts):
             if count > self.token_length:
                 logger.warning(
-                    "prompt %d: T5 sees the first %d of %d tokens (token_length=%d); %d dropped",
-                    index, self.token_length, count, self.token_length, count - self.token_length,
+                    "prompt %s: T5 sees the first %d of %d tokens (token_length=%d); %d dropped",
+                    prompt_label(prompt), self.token_length, count, self.token_length, count - self.token_length,
                 )
         return hidden, [(n, max(n - self.token_length, 0)) for n in counts]
 

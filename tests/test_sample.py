@@ -257,6 +257,12 @@ def test_hub_ids_without_hub_access(tiny_models, capsys, monkeypatch):
     expect_user_error(["--prompt", "a cat", "--height", "64", "--width", "64"], capsys, "luping-liu/LongSD")
 
 
+def test_lcm_on_the_released_weights_is_warned_about(capsys, caplog, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub fetch then fails; the warning comes first
+    expect_user_error(["--prompt", "a cat", "--sampler", "lcm", "--height", "64", "--width", "64"], capsys, "luping-liu/LongSD")
+    assert "LongSD has no LCM LoRA: --sampler lcm needs an lcm stage in --init_from" in caplog.text
+
+
 def test_released_lcm_sampler_steps_to_the_x0_prediction(monkeypatch):
     """The `lcm` sampler overrides LCMScheduler's boundary scalings with (0, 1); this holds only
     while diffusers' `step` calls the method by that name, which a spy checks."""

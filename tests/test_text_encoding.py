@@ -187,6 +187,7 @@ def test_overlong_prompt_is_reported_and_warned(encoder, caplog):
     assert report.cut_segment is not None and report.cut_text.startswith("Sentence")
     assert f"{report.tokens_dropped} of {report.content_tokens}" in caplog.text
     assert f"segment {report.cut_segment + 1}/{report.segments}" in caplog.text
+    assert "prompt 'Sentence 0 describes object 0 in great d...': " in caplog.text  # its words, not a batch index
 
 
 def test_200_tokens_fit_240(encoder, caplog):
