@@ -40,6 +40,7 @@ import json
 import logging
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
@@ -413,7 +414,7 @@ def collate_examples(items: Sequence[dict[str, Any] | BadRow], resolution: int) 
 
 @dataclass
 class BadRowMonitor:
-    """Counts skipped rows in the main process and stops training when there are too many.
+    """Counts skipped rows (over every process, under DDP) and stops training when there are too many.
 
     `update(batch)` adds a collated batch's `num_rows` and `bad_rows`, logs a warning with the
     running count (at most once per `warn_every_rows` rows, and at the first bad row), and raises
@@ -457,12 +458,21 @@ class BadRowMonitor:
             text += f": {', '.join(parts)} (e.g. {'; '.join(examples)})"
         return text
 
-    def update(self, batch: dict[str, Any]) -> None:
-        """Count one collated batch; warn now and then; raise `UserError` past the limit."""
+    def update(self, batch: dict[str, Any], totals: tuple[int, dict[str, int]] | None = None) -> None:
+        """Count one collated batch; warn now and then; raise `UserError` past the limit.
+
+        Under DDP, `totals` (this micro-step's rows and bad rows by reason summed over the processes,
+        `rows_on_every_rank`) replace the batch's own counts, so every rank holds the same counts and
+        stops at the same micro-step; the batch still gives the examples named in messages.
+        """
         new_bad: list[BadRow] = list(batch.get("bad_rows", []))
-        self.rows_seen += int(batch["num_rows"])
+        if totals is None:
+            totals = int(batch["num_rows"]), dict(Counter(row.reason for row in new_bad))
+        rows, bad = totals
+        self.rows_seen += rows
+        for reason, count in bad.items():
+            self.bad_counts[reason] = self.bad_counts.get(reason, 0) + count
         for row in new_bad:
-            self.bad_counts[row.reason] = self.bad_counts.get(row.reason, 0) + 1
             self.first_bad.setdefault(row.reason, row.detail)
         if not self.rows_bad:
             return
@@ -478,11 +488,21 @@ class BadRowMonitor:
             raise UserError(
                 f"{self.summary()}, more than --max_bad_fraction {self.max_bad_fraction:g}; {' and '.join(hints)}"
             )
-        if new_bad and (
+        if any(bad.values()) and (
             self._rows_at_last_warning is None or self.rows_seen - self._rows_at_last_warning >= self.warn_every_rows
         ):
             self._rows_at_last_warning = self.rows_seen
             logger.warning("%s so far", self.summary())
+
+    @staticmethod
+    def rows_on_every_rank(accelerator: Any, batch: dict[str, Any]) -> tuple[int, dict[str, int]] | None:
+        """This micro-step's (rows, bad rows by reason) summed over the processes, for `update`
+        (one all-reduce; every process must call it); None with one process."""
+        if accelerator.num_processes == 1:
+            return None
+        local = [int(batch["num_rows"])] + [sum(row.reason == reason for row in batch["bad_rows"]) for reason in BAD_ROW_REASONS]
+        total = accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum").tolist()
+        return total[0], dict(zip(BAD_ROW_REASONS, total[1:]))
 
     def state_dict(self) -> dict[str, Any]:
         """{'rows_seen': int, 'bad_counts': {reason: int}} (JSON-safe)."""

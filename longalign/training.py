@@ -566,7 +566,7 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
     last_update = state["micro_step"]  # the micro-step of the last optimizer step (or of the resume)
     while state["global_step"] < max_steps:
         for batch in loader:
-            monitor.update(batch)
+            monitor.update(batch, monitor.rows_on_every_rank(accelerator, batch))  # all ranks count alike
             sampler.advance(batch["num_rows"])
             seed = step_seed(args.seed, state["micro_step"], accelerator.process_index)
             torch.manual_seed(seed)  # LoRA / adapter dropout

@@ -4,6 +4,7 @@ The shared loop on a bare nn.Linear with batch size 1 over four captions, one of
 at one micro-step one rank's batch has no usable row while the other's has one. The loss makes a
 collective call, as the reward stages' common direction does (`accelerator.gather`); the ranks
 must still agree on every collective. Each rank writes its final weights to OUT/rank{R}.safetensors.
+With a second argument, the --max_bad_fraction (e.g. 0.2, which the one empty caption exceeds).
 """
 
 import sys
@@ -17,11 +18,12 @@ from longalign.config import AlignArguments, ModelArguments
 from longalign.data import CaptionDataset, DataSettings
 
 
-def main(out: str) -> None:
+def main(out: str, max_bad_fraction: float = 0.9) -> None:
     args = AlignArguments(
         output_dir=f"{out}/run", dataset="unused.jsonl", train_batch_size=1, gradient_accumulation_steps=1,
         mixed_precision="no", report_to="none", dataloader_num_workers=0, max_train_steps=2, cpu=True,
-        validation_prompts=[], max_bad_fraction=0.9, learning_rate=0.1, lr_warmup_steps=0,
+        validation_prompts=[], max_bad_fraction=max_bad_fraction, min_rows_before_check=2, learning_rate=0.1,
+        lr_warmup_steps=0,
     )  # fmt: skip
     accelerator = training.make_accelerator(args)
     table = [{"path": f"{i}.png", "caption": "" if i == 2 else f"caption {i}"} for i in range(4)]
@@ -41,4 +43,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], *map(float, sys.argv[2:]))  # a second argument: --max_bad_fraction

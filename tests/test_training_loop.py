@@ -227,6 +227,30 @@ def test_a_rank_without_usable_rows_skips_the_micro_step_with_the_others(tmp_pat
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_too_many_bad_rows_stop_every_rank_at_once(tmp_path):
+    """The bad-row limit is on the rows of every process: each rank holds the same counts and
+    raises the same error at the same micro-step (a rank deciding on its own rows stopped alone,
+    and the others were left waiting in the next collective)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from test_stages import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        str(root / "tests" / "_uneven_rows_loop.py"), str(tmp_path), "0.2",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0
+    errors = re.findall(r"UserError: (.* more than --max_bad_fraction 0.2)", result.stderr)
+    assert len(errors) == 2 and errors[0].split(" were skipped")[0] == errors[1].split(" were skipped")[0], result.stderr[-3000:]
+
+
 def test_what_trains_is_in_train_mode_for_the_loss_and_in_eval_mode_for_validation(tmp_path, tiny_models):
     """diffusers loads the UNet in eval mode, where peft's LoRA dropout (0.1, METHOD.md §3) is the
     identity: the loop must switch what trains (UNet LoRA, adapter) to train mode, and only that,
