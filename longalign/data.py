@@ -458,17 +458,22 @@ class BadRowMonitor:
             text += f": {', '.join(parts)} (e.g. {'; '.join(examples)})"
         return text
 
-    def update(self, batch: dict[str, Any], totals: tuple[int, dict[str, int]] | None = None) -> None:
+    @staticmethod
+    def batch_counts(batch: dict[str, Any]) -> list[int]:
+        """A collated batch's `[rows, bad rows of each of BAD_ROW_REASONS]`."""
+        reasons = Counter(row.reason for row in batch.get("bad_rows", []))
+        return [int(batch["num_rows"])] + [reasons[reason] for reason in BAD_ROW_REASONS]
+
+    def update(self, batch: dict[str, Any], totals: Sequence[int] | None = None) -> None:
         """Count one collated batch; warn now and then; raise `UserError` past the limit.
 
-        Under DDP, `totals` (this micro-step's rows and bad rows by reason summed over the processes,
-        `rows_on_every_rank`) replace the batch's own counts, so every rank holds the same counts and
-        stops at the same micro-step; the batch still gives the examples named in messages.
+        Under DDP, `totals` (this micro-step's `batch_counts` summed over the processes) replace the
+        batch's own counts, so every rank holds the same counts and stops at the same micro-step;
+        the batch still gives the examples named in messages.
         """
         new_bad: list[BadRow] = list(batch.get("bad_rows", []))
-        if totals is None:
-            totals = int(batch["num_rows"]), dict(Counter(row.reason for row in new_bad))
-        rows, bad = totals
+        rows, *by_reason = self.batch_counts(batch) if totals is None else totals
+        bad = dict(zip(BAD_ROW_REASONS, by_reason))
         self.rows_seen += rows
         for reason, count in bad.items():
             self.bad_counts[reason] = self.bad_counts.get(reason, 0) + count
@@ -493,16 +498,6 @@ class BadRowMonitor:
         ):
             self._rows_at_last_warning = self.rows_seen
             logger.warning("%s so far", self.summary())
-
-    @staticmethod
-    def rows_on_every_rank(accelerator: Any, batch: dict[str, Any]) -> tuple[int, dict[str, int]] | None:
-        """This micro-step's (rows, bad rows by reason) summed over the processes, for `update`
-        (one all-reduce; every process must call it); None with one process."""
-        if accelerator.num_processes == 1:
-            return None
-        local = [int(batch["num_rows"])] + [sum(row.reason == reason for row in batch["bad_rows"]) for reason in BAD_ROW_REASONS]
-        total = accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum").tolist()
-        return total[0], dict(zip(BAD_ROW_REASONS, total[1:]))
 
     def state_dict(self) -> dict[str, Any]:
         """{'rows_seen': int, 'bad_counts': {reason: int}} (JSON-safe)."""

@@ -566,7 +566,10 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
     last_update = state["micro_step"]  # the micro-step of the last optimizer step (or of the resume)
     while state["global_step"] < max_steps:
         for batch in loader:
-            monitor.update(batch, monitor.rows_on_every_rank(accelerator, batch))  # all ranks count alike
+            # One collective per micro-step: every rank's usable rows and `batch_counts`, (P, 2 + reasons).
+            counts = torch.tensor([[len(batch["caption"]), *monitor.batch_counts(batch)]], device=accelerator.device)
+            counts = accelerator.gather(counts)
+            monitor.update(batch, counts[:, 1:].sum(0).tolist())  # all ranks count alike and stop together
             sampler.advance(batch["num_rows"])
             seed = step_seed(args.seed, state["micro_step"], accelerator.process_index)
             torch.manual_seed(seed)  # LoRA / adapter dropout
@@ -575,7 +578,7 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
                 # Every row of a batch can be bad (skipped). All ranks step together or all skip, and
                 # they decide before the loss: a loss can make collective calls (the reward stages'
                 # common direction), which every rank must join.
-                all_rows = every_rank(accelerator, bool(batch["caption"]))
+                all_rows = bool(counts[:, 0].min() > 0)
                 loss, logs = stage.loss_fn(parts, batch, generator) if all_rows else (None, {})
                 all_finite = all_rows and every_rank(accelerator, bool(torch.isfinite(loss.detach())))
                 grad_norm, finite_grads = None, True
