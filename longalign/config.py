@@ -21,6 +21,13 @@ from .text_encoding import SD15, T5_LARGE
 logger = logging.getLogger(__name__)
 
 
+def check_positive(values: dict[str, float]) -> None:
+    """A `UserError` naming the first `--flag` whose value is not positive."""
+    for flag, value in values.items():
+        if not value > 0:
+            raise UserError(f"{flag} must be positive (got {value})")
+
+
 @dataclass
 class ModelArguments:
     """Which models to load (shared by sample.py and the training scripts)."""
@@ -133,11 +140,7 @@ class TrainingArguments(DataSettings):
             raise UserError("--report_to wandb needs the wandb package (pip install wandb), or use tensorboard")
         if self.resume_from is not None and self.overwrite:
             raise UserError("--resume_from and --overwrite contradict each other; pick one")
-        positive = {"--learning_rate": self.learning_rate, "--max_grad_norm": self.max_grad_norm}
-        positive["--huber_c"] = getattr(self, "huber_c", 1.0)  # the align and lcm stages' pseudo-Huber c
-        for flag, value in positive.items():
-            if not value > 0:
-                raise UserError(f"{flag} must be positive (got {value})")
+        check_positive({"--learning_rate": self.learning_rate, "--max_grad_norm": self.max_grad_norm})
         if not 0.0 <= self.lora_dropout < 1.0:
             raise UserError(f"--lora_dropout must be in [0, 1) (got {self.lora_dropout})")
         if self.dataloader_num_workers < 0:
@@ -159,6 +162,7 @@ class AlignArguments(TrainingArguments):
             raise UserError(f"--loss must be mse or pseudo_huber (got {self.loss})")
         if not 0 <= self.caption_dropout < 1:
             raise UserError(f"--caption_dropout must be in [0, 1) (got {self.caption_dropout})")
+        check_positive({"--huber_c": self.huber_c})
 
 
 @dataclass
@@ -173,6 +177,7 @@ class LcmArguments(TrainingArguments):
         super().__post_init__()
         if self.num_ddim_timesteps < 1:  # the scheduler's training timesteps bound it above (lcm_timesteps)
             raise UserError(f"--num_ddim_timesteps must be positive (got {self.num_ddim_timesteps})")
+        check_positive({"--huber_c": self.huber_c})
 
 
 @dataclass
