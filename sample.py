@@ -112,8 +112,9 @@ def main(argv: list[str] | None = None) -> None:
         if not prompt.strip():
             print(f"prompt {index} is empty: unconditional generation")
     device, dtype = resolve_device(args)
-    sources = (model_args.pretrained_model, model_args.t5_model, model_args.adapter, model_args.init_from, model_args.encoder_mode)
-    *_, checkpoints = resolve_sources(*sources)
+    loras, adapter, checkpoints = resolve_sources(
+        model_args.pretrained_model, model_args.t5_model, model_args.adapter, model_args.init_from, model_args.encoder_mode
+    )
     settings = {  # the same for every image; one JSON round trip, so it compares equal to a saved sidecar
         "negative_prompt": args.negative_prompt,
         "sampler": args.sampler,
@@ -137,9 +138,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"note: {len(others)} other image(s) in {args.out} are not part of this run and are left as they are")
     if not todo:
         return  # before loading any model: a finished run is checked in seconds
-    pipeline = LongPromptPipeline.from_pretrained(
-        *sources, model_args.segmenter, model_args.token_length, device=device, dtype=dtype
-    )
+    pipeline = LongPromptPipeline.from_pretrained(  # the sources resolved above: local paths, fetched once
+        model_args.pretrained_model, model_args.t5_model, adapter, loras, model_args.encoder_mode,
+        model_args.segmenter, model_args.token_length, device=device, dtype=dtype,
+    )  # fmt: skip
     pipeline.set_sampler(args.sampler)
     progress = tqdm(total=len(todo), desc="images", disable=len(todo) <= 1)
     for start in range(0, len(todo), args.batch_size):
