@@ -586,13 +586,14 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:  # (earlier micro-steps' optimizer.step is a no-op anyway)
                         grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                        # The norm is of the all-reduced gradients, so every rank decides alike. Under
-                        # fp16 the grad scaler skips an overflowing step itself and lowers its scale.
-                        finite_grads = accelerator.scaler is not None or bool(torch.isfinite(grad_norm))
-                        if finite_grads:
+                        # The norm is of the all-reduced gradients, so every rank decides alike.
+                        if accelerator.scaler is not None:  # fp16: the scaler skips an overflow itself
+                            optimizer.step()  # (and lowers its scale), which is then no optimizer step
+                            finite_grads = not optimizer.step_was_skipped
+                        elif finite_grads := bool(torch.isfinite(grad_norm)):
                             optimizer.step()
-                            if not optimizer.step_was_skipped:  # fp16 overflow
-                                lr_scheduler.step()
+                        if finite_grads:
+                            lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)  # at the window's end only, as accelerate does
             state["micro_step"] += 1
             if all_rows and all_finite:

@@ -30,8 +30,11 @@ class StopTraining(Exception):
     pass
 
 
-def tiny_loop(tmp_path, loss_fn, max_nonfinite_steps=5, module=None, table=None, **overrides):
-    """Run the real loop on a small module and a caption-only dataset; returns the trained module."""
+def tiny_loop(tmp_path, loss_fn, max_nonfinite_steps=5, module=None, table=None, grad_scaler=False, **overrides):
+    """Run the real loop on a small module and a caption-only dataset; returns the trained module.
+
+    `grad_scaler`: give the accelerator the fp16 GradScaler it has on a GPU (on the CPU it has none).
+    """
     settings = dict(
         output_dir=str(tmp_path / "run"), dataset="unused.jsonl", train_batch_size=2, gradient_accumulation_steps=1,
         mixed_precision="no", report_to="none", dataloader_num_workers=0, max_train_steps=10, cpu=True,
@@ -44,7 +47,10 @@ def tiny_loop(tmp_path, loss_fn, max_nonfinite_steps=5, module=None, table=None,
     parts = StageParts(unet=unet, vae=None, encoder=None, noise_scheduler=None, weight_dtype=torch.float32)
     stage = Stage("test", parts, {"unet": parts.unet}, loss_fn)
     dataset = CaptionDataset(table, DataSettings(dataset="unused.jsonl"))
-    run_training(ModelArguments(), args, make_accelerator(args), stage, dataset)
+    accelerator = make_accelerator(args)
+    if grad_scaler:
+        accelerator.scaler = torch.amp.GradScaler("cpu")
+    run_training(ModelArguments(), args, accelerator, stage, dataset)
     return parts.unet
 
 
@@ -92,12 +98,18 @@ def test_a_window_without_an_optimizer_step_is_not_counted(tmp_path, no_final):
             return y + ((y - y.detach()) ** 2).sqrt(), {}
         return y, {}
 
-    trained = tiny_loop(tmp_path / "grad", nan_gradient_on_the_second_call, max_train_steps=3, checkpointing_steps=1)
-    assert len(calls) == 4 and torch.isfinite(trained.weight).all()
-    checkpoints = sorted(p.name for p in (tmp_path / "grad" / "run" / "checkpoints").iterdir())
-    assert checkpoints == ["step_0000001", "step_0000002", "step_0000003"]
-    state = json.loads((tmp_path / "grad" / "run" / "checkpoints" / "step_0000003" / "training_state.json").read_text())
-    assert state["micro_step"] == 4 and state["lr_scheduler"]["last_epoch"] == 3
+    for name, grad_scaler in (("grad", False), ("fp16_overflow", True)):  # under fp16 the scaler skips it
+        calls.clear()
+        trained = tiny_loop(
+            tmp_path / name, nan_gradient_on_the_second_call, max_train_steps=3, checkpointing_steps=1,
+            grad_scaler=grad_scaler,
+        )  # fmt: skip
+        assert len(calls) == 4 and torch.isfinite(trained.weight).all()
+        checkpoints = sorted(p.name for p in (tmp_path / name / "run" / "checkpoints").iterdir())
+        assert checkpoints == ["step_0000001", "step_0000002", "step_0000003"]
+        state = json.loads((tmp_path / name / "run" / "checkpoints" / "step_0000003" / "training_state.json").read_text())
+        assert state["micro_step"] == 4 and state["lr_scheduler"]["last_epoch"] == 3
+        assert (state["grad_scaler"] is not None) == grad_scaler
 
     def nan_at_every_window_end(parts, batch, generator):
         calls.append(None)
