@@ -97,7 +97,7 @@ class TrainingArguments(DataSettings):
     num_train_epochs: int = field(default=2, metadata={"help": "epochs, unless --max_train_steps is given"})
     max_train_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps (overrides epochs)"})
     checkpointing_steps: int = field(default=500, metadata={"help": "save a resumable checkpoint every N optimizer steps"})
-    checkpoints_total_limit: int | None = field(default=3, metadata={"help": "keep at most this many checkpoints"})
+    checkpoints_total_limit: int = field(default=3, metadata={"help": "keep at most this many checkpoints (0: keep all)"})
     resume_from: str | None = field(
         default=None,
         metadata={"help": "'latest' (error if none), 'auto' (latest, or start fresh if none) or a checkpoint folder"},
@@ -129,9 +129,10 @@ class TrainingArguments(DataSettings):
         for flag, value in checks.items():
             if value < 1:
                 raise UserError(f"{flag} must be at least 1 (got {value})")
-        for flag, value in {"--max_train_steps": self.max_train_steps, "--checkpoints_total_limit": self.checkpoints_total_limit}.items():
-            if value is not None and value < 1:
-                raise UserError(f"{flag} must be at least 1 (got {value})")
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            raise UserError(f"--max_train_steps must be at least 1 (got {self.max_train_steps})")
+        if self.checkpoints_total_limit < 0:
+            raise UserError(f"--checkpoints_total_limit must be at least 0 (0 keeps all; got {self.checkpoints_total_limit})")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise UserError(f"--mixed_precision must be no, fp16 or bf16 (got {self.mixed_precision})")
         if self.report_to not in ("tensorboard", "wandb", "none"):

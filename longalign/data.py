@@ -107,8 +107,8 @@ class DataSettings:
     )
 
     def __post_init__(self) -> None:
-        if self.resolution <= 0:
-            raise UserError(f"--resolution must be positive, got {self.resolution}")
+        if self.resolution <= 0 or self.resolution % 8:
+            raise UserError(f"--resolution must be a positive multiple of 8 (the VAE's downsampling), got {self.resolution}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise UserError(f"--max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         if self.max_rows is not None and self.max_rows <= 0:

@@ -187,7 +187,7 @@ def checkpoint_dirs(output_dir: str) -> list[Path]:
     if not root.is_dir():
         return []
     found = [d for d in root.iterdir() if d.name.startswith("step_") and (d / STATE_FILE).exists()]
-    return sorted(found, key=lambda d: int(d.name.split("_")[1]))
+    return sorted(found, key=checkpoint_step)
 
 
 def prepare_output_dir(args: TrainingArguments, accelerator: Accelerator) -> Path | None:
@@ -218,7 +218,33 @@ def prepare_output_dir(args: TrainingArguments, accelerator: Accelerator) -> Pat
     path = Path(args.resume_from)
     if not (path / STATE_FILE).exists():
         raise UserError(f"--resume_from '{path}' is not a complete checkpoint (no {STATE_FILE})")
+    set_aside_later_work(out, path, accelerator)
     return path
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a checkpoint folder was saved at (from `checkpoints/step_N`'s name)."""
+    return int(path.name.split("_")[1])
+
+
+def set_aside_later_work(out: Path, resume: Path, accelerator: Accelerator) -> None:
+    """Resuming from a checkpoint older than the run's newest abandons what came after it: the newer
+    checkpoints (which `latest` would pick and pruning would keep) and `final/` move, untouched, to
+    `checkpoints/abandoned_K/`, where nothing resumes from or prunes them."""
+    step = json.loads((resume / STATE_FILE).read_text())["global_step"]
+    later = [d for d in checkpoint_dirs(str(out)) if checkpoint_step(d) > step]
+    if not later:
+        return  # `final/`, if any, is the newest checkpoint's state, which this run continues
+    if accelerator.is_main_process:
+        index = 0
+        while (out / "checkpoints" / f"abandoned_{index}").exists():
+            index += 1
+        target = out / "checkpoints" / f"abandoned_{index}"
+        target.mkdir()
+        for folder in later + ([out / "final"] if (out / "final").is_dir() else []):
+            os.replace(folder, target / folder.name)
+        logger.warning("resuming from step %d: the run's later checkpoints and final/ are moved to %s", step, target)
+    accelerator.wait_for_everyone()
 
 
 def trainable_file(index: int) -> str:
@@ -296,9 +322,11 @@ def save_checkpoint(
         shutil.rmtree(final, ignore_errors=True)
         os.replace(temporary, final)
         complete = checkpoint_dirs(args.output_dir)
-        if args.checkpoints_total_limit is not None:
+        if args.checkpoints_total_limit:  # 0 keeps all; the newest is the one just written
             for old in complete[: max(len(complete) - args.checkpoints_total_limit, 0)]:
                 shutil.rmtree(old)
+        for leftover in root.glob(".tmp_step_*"):  # of saves cut off by a crash
+            shutil.rmtree(leftover, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
@@ -540,7 +568,7 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
 
     sampler = ResumableSampler(len(dataset), args.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     loader = make_dataloader(dataset, sampler, args.train_batch_size, args.dataloader_num_workers)
-    monitor = BadRowMonitor.from_settings(args, rows_per_epoch=sampler.num_samples)
+    monitor = BadRowMonitor.from_settings(args, rows_per_epoch=sampler.num_samples * accelerator.num_processes)
     steps_per_epoch = math.ceil(sampler.num_samples / args.train_batch_size / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
 
@@ -581,6 +609,8 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
                 all_rows = bool(counts[:, 0].min() > 0)
                 loss, logs = stage.loss_fn(parts, batch, generator) if all_rows else (None, {})
                 all_finite = all_rows and every_rank(accelerator, bool(torch.isfinite(loss.detach())))
+                if not all_finite:
+                    loss = logs = None  # frees a skipped loss's graph before the next forward
                 grad_norm, finite_grads = None, True
                 if all_rows and all_finite:
                     accelerator.backward(loss)
@@ -593,6 +623,7 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
                         elif finite_grads := bool(torch.isfinite(grad_norm)):
                             optimizer.step()
                         if finite_grads:
+                            step_lr = lr_scheduler.get_last_lr()[0]  # the LR this step used
                             lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)  # at the window's end only, as accelerate does
             state["micro_step"] += 1
@@ -628,7 +659,7 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
             state["global_step"] += 1
             step = state["global_step"]
             logged = {key: value / max(counted, 1) for key, value in running.items()}
-            logged["lr"] = lr_scheduler.get_last_lr()[0]
+            logged["lr"] = step_lr
             if grad_norm is not None:
                 logged["grad_norm"] = float(grad_norm)
             running, counted = {}, 0

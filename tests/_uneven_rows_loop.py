@@ -4,7 +4,8 @@ The shared loop on a bare nn.Linear with batch size 1 over four captions, one of
 at one micro-step one rank's batch has no usable row while the other's has one. The loss makes a
 collective call, as the reward stages' common direction does (`accelerator.gather`); the ranks
 must still agree on every collective. Each rank writes its final weights to OUT/rank{R}.safetensors.
-With a second argument, the --max_bad_fraction (e.g. 0.2, which the one empty caption exceeds).
+Optional arguments: the --max_bad_fraction (e.g. 0.2, which the one empty caption exceeds) and the
+--min_rows_before_check (default 2).
 """
 
 import sys
@@ -18,11 +19,11 @@ from longalign.config import AlignArguments, ModelArguments
 from longalign.data import CaptionDataset, DataSettings
 
 
-def main(out: str, max_bad_fraction: float = 0.9) -> None:
+def main(out: str, max_bad_fraction: float = 0.9, min_rows_before_check: float = 2) -> None:
     args = AlignArguments(
         output_dir=f"{out}/run", dataset="unused.jsonl", train_batch_size=1, gradient_accumulation_steps=1,
         mixed_precision="no", report_to="none", dataloader_num_workers=0, max_train_steps=2, cpu=True,
-        validation_prompts=[], max_bad_fraction=max_bad_fraction, min_rows_before_check=2, learning_rate=0.1,
+        validation_prompts=[], max_bad_fraction=max_bad_fraction, min_rows_before_check=int(min_rows_before_check), learning_rate=0.1,
         lr_warmup_steps=0,
     )  # fmt: skip
     accelerator = training.make_accelerator(args)
@@ -43,4 +44,4 @@ def main(out: str, max_bad_fraction: float = 0.9) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], *map(float, sys.argv[2:]))  # a second argument: --max_bad_fraction
+    main(sys.argv[1], *map(float, sys.argv[2:]))  # then --max_bad_fraction, --min_rows_before_check

@@ -139,7 +139,9 @@ def test_stage_arguments_are_checked():
         with pytest.raises(UserError, match="wandb package"):
             AlignArguments(report_to="wandb")
     with pytest.raises(UserError, match="--checkpoints_total_limit"):
-        AlignArguments(checkpoints_total_limit=0)
+        AlignArguments(checkpoints_total_limit=-1)
+    with pytest.raises(UserError, match="--resolution must be a positive multiple of 8"):
+        AlignArguments(resolution=60)  # the VAE downsamples by 8: validation would fail only at its first image
     with pytest.raises(UserError, match="contradict"):
         AlignArguments(resume_from="latest", overwrite=True)
     with pytest.raises(UserError, match="--num_ddim_timesteps"):
@@ -214,15 +216,12 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, no_final):
         tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=4, resume_from="latest")
 
 
-def test_a_rank_without_usable_rows_skips_the_micro_step_with_the_others(tmp_path):
-    """One rank's batch is all bad rows while the other's is not, and the loss makes a collective
-    call: every rank must skip that micro-step together, before the loss, or the collectives pair
-    up wrongly (gloo aborts, NCCL hangs)."""
+def run_uneven_rows_loop(out: Path, *extra: str):
+    """tests/_uneven_rows_loop.py under 2 CPU processes (accelerate launch); its CompletedProcess."""
     import os
     import subprocess
     import sys
 
-    from safetensors.torch import load_file
     from test_stages import free_port
 
     root = Path(__file__).resolve().parents[1]
@@ -230,9 +229,18 @@ def test_a_rank_without_usable_rows_skips_the_micro_step_with_the_others(tmp_pat
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        str(root / "tests" / "_uneven_rows_loop.py"), str(tmp_path),
+        str(root / "tests" / "_uneven_rows_loop.py"), str(out), *extra,
     ]  # fmt: skip
-    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=180)
+    return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_a_rank_without_usable_rows_skips_the_micro_step_with_the_others(tmp_path):
+    """One rank's batch is all bad rows while the other's is not, and the loss makes a collective
+    call: every rank must skip that micro-step together, before the loss, or the collectives pair
+    up wrongly (gloo aborts, NCCL hangs)."""
+    from safetensors.torch import load_file
+
+    result = run_uneven_rows_loop(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("skipped: a batch had no usable rows") == 4  # 2 epochs x 2 ranks
     first, second = (load_file(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1))
@@ -242,25 +250,16 @@ def test_a_rank_without_usable_rows_skips_the_micro_step_with_the_others(tmp_pat
 def test_too_many_bad_rows_stop_every_rank_at_once(tmp_path):
     """The bad-row limit is on the rows of every process: each rank holds the same counts and
     raises the same error at the same micro-step (a rank deciding on its own rows stopped alone,
-    and the others were left waiting in the next collective)."""
-    import os
+    and the others were left waiting in the next collective). It waits for an epoch of every
+    rank's rows (4 here) at most, not one rank's share (2): one bad row in 4 is under 40%."""
     import re
-    import subprocess
-    import sys
 
-    from test_stages import free_port
-
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        str(root / "tests" / "_uneven_rows_loop.py"), str(tmp_path), "0.2",
-    ]  # fmt: skip
-    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=180)
+    result = run_uneven_rows_loop(tmp_path / "stop", "0.2")
     assert result.returncode != 0
     errors = re.findall(r"UserError: (.* more than --max_bad_fraction 0.2)", result.stderr)
     assert len(errors) == 2 and errors[0].split(" were skipped")[0] == errors[1].split(" were skipped")[0], result.stderr[-3000:]
+    result = run_uneven_rows_loop(tmp_path / "epoch", "0.4", "200")  # the bad row comes in the first 2 rows
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_what_trains_is_in_train_mode_for_the_loss_and_in_eval_mode_for_validation(tmp_path, tiny_models):
@@ -383,3 +382,53 @@ def test_a_save_cut_off_midway_leaves_the_last_complete_checkpoint(tmp_path, no_
     assert (run / "checkpoints" / ".tmp_step_0000003").is_dir()  # the partial save, ignored
     resumed = tiny_loop(tmp_path / "cut", data_and_noise_loss, max_train_steps=4, checkpointing_steps=1, resume_from="latest")
     assert all(torch.equal(value, resumed.state_dict()[name]) for name, value in straight.state_dict().items())
+
+
+def test_a_skipped_loss_frees_its_graph_before_the_next_forward(tmp_path, no_final):
+    """A non-finite loss's graph (activations) must be gone when the next micro-step's forward
+    runs, or the step after a NaN needs memory for two micro-steps' activations."""
+    import weakref
+
+    alive = []
+
+    def nan_then_check(parts, batch, generator):
+        if alive:
+            alive.append(alive[0]() is not None)
+            raise StopTraining
+        hidden = parts.unet(torch.ones(1, 3)) * 2.0  # an activation the graph holds
+        alive.append(weakref.ref(hidden))
+        return hidden.sum() * float("nan"), {}
+
+    with pytest.raises(StopTraining):
+        tiny_loop(tmp_path, nan_then_check)
+    assert alive[1:] == [False]
+
+
+def test_the_logged_lr_is_the_one_the_step_used(tmp_path, no_final, monkeypatch):
+    logged = []
+    monkeypatch.setattr("accelerate.Accelerator.log", lambda self, values, step=None, **kwargs: logged.append(values["lr"]))
+    tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=3, learning_rate=1.0, lr_warmup_steps=2)
+    assert logged == [0.0, 0.5, 1.0]  # constant_with_warmup: step k (from 0) runs at min(k / 2, 1)
+
+
+def test_resuming_an_older_checkpoint_sets_the_later_work_aside(tmp_path, no_final):
+    """Resuming from step 2 of a run that reached step 4 abandons steps 3-4: `latest` must not pick
+    the abandoned step 4 later, pruning must not delete the checkpoint just written, and the old
+    final/ must not be overwritten: they move to checkpoints/abandoned_0/, untouched."""
+    run = tmp_path / "run"
+    tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=4, checkpointing_steps=2, checkpoints_total_limit=0)
+    (run / "final").mkdir()  # as write_final leaves it (patched out here)
+    (run / "checkpoints" / ".tmp_step_0000006").mkdir()  # a save cut off by a crash
+    old_step_4 = (run / "checkpoints" / "step_0000004" / "trainable_0.safetensors").read_bytes()
+    tiny_loop(
+        tmp_path, data_and_noise_loss, max_train_steps=3, checkpointing_steps=1, checkpoints_total_limit=1,
+        resume_from=str(run / "checkpoints" / "step_0000002"),
+    )  # fmt: skip
+    assert [d.name for d in checkpoint_dirs(str(run))] == ["step_0000003"]
+    aside = run / "checkpoints" / "abandoned_0"
+    assert sorted(p.name for p in aside.iterdir()) == ["final", "step_0000004"]
+    assert (aside / "step_0000004" / "trainable_0.safetensors").read_bytes() == old_step_4
+    assert not list((run / "checkpoints").glob(".tmp_step_*"))
+    tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=4, checkpoints_total_limit=0, resume_from="latest")
+    state = json.loads((run / "checkpoints" / "step_0000004" / "training_state.json").read_text())
+    assert state["global_step"] == 4 and (aside / "step_0000004").is_dir()
