@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from longalign.config import ModelArguments, parse_flags
-from longalign.loading import UserError, cli_entry
+from longalign.loading import UserError, cli_entry, read_prompt_file
 from longalign.pipeline import (
     LONGSD_ADAPTER,
     LONGSD_LORAS,
@@ -63,14 +63,7 @@ def read_prompts(args: SampleArguments) -> list[str]:
         raise UserError("give exactly one of --prompt or --prompt_file")
     if args.prompt is not None:
         return [args.prompt]
-    try:
-        with open(args.prompt_file, encoding="utf-8-sig") as handle:  # -sig: a byte-order mark is not text
-            prompts = [line.strip() for line in handle if line.strip()]
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read --prompt_file '{args.prompt_file}': {error.__class__.__name__}: {error}") from None
-    if not prompts:
-        raise UserError(f"--prompt_file '{args.prompt_file}' holds no prompts")
-    return prompts
+    return read_prompt_file(args.prompt_file, "--prompt_file")
 
 
 def resolve_device(args: SampleArguments) -> tuple[str, torch.dtype]:

@@ -2,8 +2,8 @@
 
     python -m longalign.analyze_preference --model denscore --prompts prompts.txt --images imgs/ --out analysis/
 
-Inputs: `--prompts` is a text file with one prompt per line (every line is a prompt, blank lines
-in the middle included as empty prompts; blank lines at the end of the file are ignored).
+Inputs: `--prompts` is a text file with one prompt per line (blank lines are skipped, as in
+sample.py, so its `--prompt_file` and images pair up).
 `--images` is a folder of images (png, jpg, jpeg, webp, bmp, gif, tif, tiff; any size or mode,
 converted to RGB) matched to the prompts:
 - if every file name (without extension) is an integer, image `k.*` belongs to prompt line `k`
@@ -30,22 +30,10 @@ from pathlib import Path
 
 import torch
 
-from .loading import UserError, cli_entry
+from .loading import UserError, cli_entry, read_prompt_file
 from .reward import TEXT_MODES, PreferenceModel, common_direction, decompose, load_preference_model
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-def read_prompts(path: str) -> list[str]:
-    """One prompt per line; trailing blank lines are dropped. A missing or empty file is a `UserError`."""
-    if not os.path.isfile(path):
-        raise UserError(f"prompts file not found: '{path}'")
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    while lines and not lines[-1].strip():
-        lines.pop()
-    if not lines:
-        raise UserError(f"prompts file '{path}' has no prompts")
-    return lines
 
 
 def match_images(folder: str, count: int) -> list[Path]:
@@ -225,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
 
-    prompts = read_prompts(args.prompts)
+    prompts = read_prompt_file(args.prompts, "--prompts")
     paths = match_images(args.images, len(prompts))
     model = load_preference_model(args.model, device=args.device, segmenter=args.segmenter)
     generator = torch.Generator().manual_seed(args.seed)

@@ -44,9 +44,26 @@ def resolve_source(name: str, what: str) -> str:
     path = os.path.expanduser(str(name))
     if os.path.exists(path):
         return path
+    first = str(name).split("/")[0]
+    if os.path.isdir(first):  # `runs/align-x/final` with `runs/` here: a mistyped local path, not a hub id
+        raise UserError(f"{what} not found: no such file or folder '{name}' (in '{first}/')")
     if _HUB_ID.fullmatch(str(name)) and not str(name).startswith((".", "/", "~")):
         return str(name)
     raise UserError(f"{what} not found: '{name}' is not an existing file or folder")
+
+
+def read_prompt_file(path: str, flag: str) -> list[str]:
+    """The prompts of a text file: its non-blank lines, stripped, in order (prompt k is the k-th of
+    them, as in sample.py's `NNNN_KK` names). A UTF-8 byte-order mark is not text. A missing,
+    unreadable or empty file is a `UserError` naming `flag`."""
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            prompts = [line.strip() for line in handle if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read {flag} '{path}': {error.__class__.__name__}: {error}") from None
+    if not prompts:
+        raise UserError(f"{flag} '{path}' holds no prompts")
+    return prompts
 
 
 def _first_line(error: BaseException) -> str:

@@ -196,6 +196,7 @@ class SegmentCLIPEncoder(nn.Module):
         self.sot_id, self.eot_id = specials
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eot_id
         self.register_buffer("pad_embedding", self._empty_prompt_padding(), persistent=False)
+        self.truncation_warnings = TruncationWarnings()
 
     @torch.no_grad()
     def _empty_prompt_padding(self) -> torch.Tensor:
@@ -267,10 +268,27 @@ class SegmentCLIPEncoder(nn.Module):
             if report.cut_segment is not None
             else "inside over-long segments"
         )
-        logger.warning(
+        self.truncation_warnings.warn(
             "prompt %s: %d of %d CLIP content tokens dropped (token_length=%d); the cut fell in %s",
             prompt_label(prompt), report.tokens_dropped, report.content_tokens, self.token_length, where,
         )
+
+
+class TruncationWarnings:
+    """The warnings for prompts cut at `token_length`: all of them (`limit` None, as in sample.py), or
+    the first `limit`, then one line saying the rest are not shown (training: a long-caption dataset
+    would log one per caption per step). Shared by an encoder's CLIP and T5 branches."""
+
+    def __init__(self, limit: int | None = None):
+        self.limit = limit
+        self.count = 0
+
+    def warn(self, message: str, *args: object) -> None:
+        if self.limit is None or self.count < self.limit:
+            logger.warning(message, *args)
+        elif self.count == self.limit and self.limit > 0:
+            logger.warning("more prompts are cut at token_length; their warnings are not shown")
+        self.count += 1
 
 
 def prompt_label(prompt: str) -> str:
@@ -295,6 +313,7 @@ class T5PromptEncoder(nn.Module):
         self.encoder = encoder
         self.token_length = checked_token_length(token_length)
         self.use_attention_mask = use_attention_mask
+        self.truncation_warnings = TruncationWarnings()
 
     def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         counts = [len(ids) for ids in self.tokenizer(list(prompts), verbose=False)["input_ids"]]
@@ -306,7 +325,7 @@ class T5PromptEncoder(nn.Module):
         hidden = self.encoder(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state
         for prompt, count in zip(prompts, counts):
             if count > self.token_length:
-                logger.warning(
+                self.truncation_warnings.warn(
                     "prompt %s: T5 sees the first %d of %d tokens (token_length=%d); %d dropped",
                     prompt_label(prompt), self.token_length, count, self.token_length, count - self.token_length,
                 )
@@ -362,6 +381,13 @@ class LongPromptEncoder(nn.Module):
     @property
     def token_length(self) -> int:
         return (self.clip or self.t5).token_length
+
+    def limit_truncation_warnings(self, limit: int | None) -> None:
+        """Warn about at most `limit` cut prompts from now on, over both branches (None: every one)."""
+        shared = TruncationWarnings(limit)
+        for branch in (self.clip, self.t5):
+            if branch is not None:
+                branch.truncation_warnings = shared
 
     @torch.no_grad()
     def encode_frozen(self, prompts: Sequence[str]) -> FrozenEncoding:

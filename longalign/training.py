@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STATE_FILE = "training_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+TRUNCATION_WARNINGS = 5  # cut captions a training log names (main process only); the rest are not shown
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -78,6 +79,7 @@ class StageParts:
     noise_scheduler: DDPMScheduler
     weight_dtype: torch.dtype
     extra: dict[str, Any] = field(default_factory=dict)
+    adapter_source: str | None = None  # the local adapter folder the encoder loaded (None in clip mode)
 
 
 LossFn = Callable[[StageParts, dict, torch.Generator], "tuple[torch.Tensor, dict[str, float]]"]
@@ -147,6 +149,7 @@ def load_stage_parts(
         dtype=weight_dtype,
         adapter_dtype=torch.float32 if train_adapter else None,
     )
+    encoder.limit_truncation_warnings(TRUNCATION_WARNINGS if accelerator.is_main_process else 0)
     for module in (unet, vae, encoder):
         module.requires_grad_(False)
     unet.to(device, weight_dtype)
@@ -155,7 +158,7 @@ def load_stage_parts(
     add_lora(unet, lora_name, LoraSettings(rank=args.lora_rank, dropout=args.lora_dropout))
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    return StageParts(unet, vae, encoder, noise_scheduler, weight_dtype)
+    return StageParts(unet, vae, encoder, noise_scheduler, weight_dtype, adapter_source=adapter)
 
 
 def encode_images(vae: AutoencoderKL, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -196,6 +199,8 @@ def prepare_output_dir(args: TrainingArguments, accelerator: Accelerator) -> Pat
     holds_run = (out / "config.json").exists() or (out / "checkpoints").exists() or (out / "final").exists()
     if args.resume_from is None:
         if holds_run and not args.overwrite:
+            if not checkpoint_dirs(args.output_dir):
+                raise UserError(f"'{out}' holds a run that saved no checkpoint; pass --overwrite to start it over")
             raise UserError(
                 f"'{out}' holds another run; pass --resume_from latest to continue it or --overwrite to replace it"
             )
@@ -208,18 +213,45 @@ def prepare_output_dir(args: TrainingArguments, accelerator: Accelerator) -> Pat
     if args.resume_from in ("latest", "auto"):
         found = checkpoint_dirs(args.output_dir)
         if found:
+            check_optimizer_settings(found[-1], args)
             return found[-1]
         if args.resume_from == "auto":
             return None
         raise UserError(
-            f"--resume_from latest: no checkpoint in '{out / 'checkpoints'}'; drop the flag (or use "
-            "--resume_from auto) to start fresh"
+            f"--resume_from latest: no checkpoint in '{out / 'checkpoints'}'; use --resume_from auto to start "
+            "fresh when there is none"
         )
     path = Path(args.resume_from)
     if not (path / STATE_FILE).exists():
         raise UserError(f"--resume_from '{path}' is not a complete checkpoint (no {STATE_FILE})")
+    check_optimizer_settings(path, args)
     set_aside_later_work(out, path, accelerator)
     return path
+
+
+def check_optimizer_settings(checkpoint: Path, args: TrainingArguments) -> None:
+    """A `UserError` when this run's AdamW flags differ from the checkpoint's: resuming restores the
+    optimizer's settings with its moments, so a changed `--learning_rate` (or beta, weight decay,
+    epsilon) would be silently ignored while `config.json` recorded it."""
+    try:
+        with safe_open(checkpoint / OPTIMIZER_FILE, framework="pt") as file:
+            group = json.loads(file.metadata()["param_groups"])[0]
+    except (OSError, KeyError, ValueError, SafetensorError):
+        return  # an incomplete checkpoint: load_checkpoint names what is missing
+    saved = {
+        "--learning_rate": group.get("initial_lr", group["lr"]),
+        "--adam_beta1": group["betas"][0],
+        "--adam_beta2": group["betas"][1],
+        "--adam_weight_decay": group["weight_decay"],
+        "--adam_epsilon": group["eps"],
+    }
+    ours = (args.learning_rate, args.adam_beta1, args.adam_beta2, args.adam_weight_decay, args.adam_epsilon)
+    for (flag, value), own in zip(saved.items(), ours):
+        if not math.isclose(value, own, rel_tol=1e-9):
+            raise UserError(
+                f"{flag} {own:g} differs from the checkpoint's {value:g}: a resumed run keeps its optimizer "
+                f"settings; resume with {flag} {value:g} or start a new run"
+            )
 
 
 def checkpoint_step(path: Path) -> int:
@@ -442,8 +474,13 @@ def write_final(
     step: int,
     sampler: str = "unipc",
 ) -> Path:
-    """`final/`: diffusers-format LoRA, `adapter/` when trained, `config.json` and a model card
-    whose sampling command uses `sampler` (the stage's validation sampler: lcm for LCM stages)."""
+    """`final/`: diffusers-format LoRA, `adapter/`, `config.json` and a model card whose sampling
+    command uses `sampler` (the stage's validation sampler: lcm for LCM stages).
+
+    `adapter/` is the adapter this stage was trained with: the trained one, or a byte copy of the
+    frozen one it loaded, so a stage folder names its own conditioning and `--init_from ... final`
+    (the model card's command, the next stage) picks the right adapter.
+    """
     final = Path(args.output_dir) / "final"
     if accelerator.is_main_process:
         final.mkdir(parents=True, exist_ok=True)
@@ -451,7 +488,11 @@ def write_final(
         adapter = parts.encoder.adapter
         if adapter is not None and any(p.requires_grad for p in adapter.parameters()):
             accelerator.unwrap_model(adapter).save_pretrained(final / "adapter")
+        elif adapter is not None and parts.adapter_source is not None:
+            shutil.rmtree(final / "adapter", ignore_errors=True)
+            shutil.copytree(parts.adapter_source, final / "adapter")
         config = resolved_config(stage, model_args, args, accelerator)
+        config["adapter_source"] = parts.adapter_source
         (final / "config.json").write_text(json.dumps(config, indent=2))
         (final / "README.md").write_text(model_card(stage, model_args, args, step, sampler))
     accelerator.wait_for_everyone()

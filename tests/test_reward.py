@@ -403,8 +403,8 @@ def _write_analysis_inputs(folder: Path, count: int) -> tuple[Path, Path]:
         array = (torch.rand(size[1], size[0], 3, generator=generator) * 255).to(torch.uint8).numpy()
         Image.fromarray(array, "RGB").convert(mode).save(images / f"{index:03d}.png")
     prompts = folder / "prompts.txt"
-    lines = [" ".join(prompt.split()) for prompt in PROMPTS] + ["A green field. A white house.", "A blue sky."]
-    prompts.write_text("\n".join(lines) + "\n\n")  # line 2 is an empty prompt; trailing blank lines are ignored
+    lines = [" ".join(prompt.split()) for prompt in PROMPTS] + ["A green field. A white house.", "A blue sky.", "A red door."]
+    prompts.write_text("\n".join(lines) + "\n\n")  # 6 prompts: blank lines are skipped, as sample.py does
     return prompts, images
 
 

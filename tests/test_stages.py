@@ -70,11 +70,14 @@ def test_chain_writes_final_artifacts(chain):
         assert ("--sampler lcm" in card) == (stage in ("lcm", "reward_lcm")), stage  # LCM stages sample with LCM
         assert f"--pretrained_model {config['model']['pretrained_model']} --t5_model" in card, stage  # not the defaults
         assert "--token_length" not in card and "--segmenter" not in card, stage  # the defaults
-        assert (final / "adapter").is_dir() == (stage == "align")
+        adapter = final / "adapter" / "diffusion_pytorch_model.safetensors"  # every stage names its own
+        aligned = cwd / "runs" / "align-tiny" / "final" / "adapter" / "diffusion_pytorch_model.safetensors"
+        assert adapter.read_bytes() == aligned.read_bytes(), stage  # later stages: a copy of align's
         assert (cwd / "runs" / f"{stage}-tiny" / "validation" / "step_0000002.png").exists()
         assert [d.name for d in checkpoint_dirs(cwd / "runs" / f"{stage}-tiny")] == ["step_0000002"]
     lcm_config = json.loads((cwd / "runs" / "lcm-tiny" / "final" / "config.json").read_text())
     assert lcm_config["model"]["init_from"] == ["runs/align-tiny/final"]
+    assert lcm_config["adapter_source"] == "runs/align-tiny/final/adapter"
     reward_lcm = json.loads((cwd / "runs" / "reward_lcm-tiny" / "final" / "config.json").read_text())
     assert reward_lcm["model"]["init_from"] == ["runs/align-tiny/final", "runs/lcm-tiny/final"]
     assert reward_lcm["training"]["rollout"] == "lcm" and reward_lcm["training"]["gradient_accumulation_steps"] == 2
@@ -105,7 +108,7 @@ def test_stage_outputs_load_in_sample(chain, tiny_models, sampler, stages):
         cwd,
     )  # fmt: skip
     sidecar = json.loads((out / "0000_00.json").read_text())
-    assert sidecar["checkpoints"]["adapter"].endswith("align-tiny/final/adapter")
+    assert sidecar["checkpoints"]["adapter"].endswith(f"{stages[-1]}-tiny/final/adapter")
     assert sidecar["checkpoints"]["init_from"] == init_from
     assert (out / "0000_00.png").exists()
 
@@ -163,6 +166,14 @@ def test_resume_without_checkpoint_and_bad_init_from(tmp_path, tiny_models, data
     result = run(align_cmd(tiny_models, dataset, tmp_path / "x", 2, "--init_from", str(empty_stage)), tmp_path, check=False)
     assert result.returncode == 2 and "pytorch_lora_weights.safetensors" in result.stdout
     assert "Traceback" not in result.stdout
+    (tmp_path / "runs").mkdir()  # a mistyped NAME: a missing local folder, never a hub repo 'runs/align-nosuch'
+    result = run(align_cmd(tiny_models, dataset, tmp_path / "y", 2, "--init_from", "runs/align-nosuch/final"), tmp_path, check=False)
+    assert result.returncode == 2 and "no such file or folder 'runs/align-nosuch/final'" in result.stdout
+    assert "hub" not in result.stdout.split("error:")[-1]
+    (tmp_path / "cut_off").mkdir()  # a run stopped before its first checkpoint: the advice must not go round
+    (tmp_path / "cut_off" / "config.json").write_text("{}")
+    result = run(align_cmd(tiny_models, dataset, tmp_path / "cut_off", 2), tmp_path, check=False)
+    assert result.returncode == 2 and "saved no checkpoint; pass --overwrite" in result.stdout
 
 
 def test_align_without_adapter_starts_from_lavi_bridge(tmp_path, tiny_models, dataset):

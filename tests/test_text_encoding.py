@@ -190,6 +190,26 @@ def test_overlong_prompt_is_reported_and_warned(encoder, caplog):
     assert "prompt 'Sentence 0 describes object 0 in great d...': " in caplog.text  # its words, not a batch index
 
 
+def test_training_names_a_few_cut_prompts_then_stops(encoder, caplog):
+    """A long-caption dataset cuts many captions: training warns about the first few only (over
+    both branches), then says once that the rest are not shown; sample.py warns about each."""
+    prompts = [" ".join(f"Prompt {k} sentence {i} describes object {i} in detail." for i in range(40)) for k in range(3)]
+    encoder.limit_truncation_warnings(2)
+    try:
+        with caplog.at_level(logging.WARNING, logger="longalign.text_encoding"), torch.no_grad():
+            encoder(prompts)
+            encoder(prompts)
+    finally:
+        encoder.limit_truncation_warnings(None)
+    lines = caplog.text.splitlines()
+    assert sum("prompt 'Prompt" in line for line in lines) == 2
+    assert sum("their warnings are not shown" in line for line in lines) == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="longalign.text_encoding"), torch.no_grad():
+        encoder(prompts)
+    assert sum("prompt 'Prompt" in line for line in caplog.text.splitlines()) == 6  # 3 prompts x (CLIP, T5)
+
+
 def test_200_tokens_fit_240(encoder, caplog):
     with caplog.at_level(logging.WARNING, logger="longalign.text_encoding"):
         with torch.no_grad():

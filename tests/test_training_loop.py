@@ -203,6 +203,10 @@ def test_checkpoints_hold_only_safetensors_and_json_and_resume_exactly(tmp_path,
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, no_final):
     tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=2, checkpointing_steps=2)
+    for flags, match in [(dict(learning_rate=0.5), "--learning_rate 0.5 differs from the checkpoint's 3e-05"),
+                         (dict(adam_beta2=0.99), "--adam_beta2 0.99 differs")]:  # fmt: skip
+        with pytest.raises(UserError, match=match):  # restored from the checkpoint, it would be ignored
+            tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=4, resume_from="latest", **flags)
     with pytest.raises(UserError, match="does not match this run's trainable parameters"):
         tiny_loop(tmp_path, data_and_noise_loss, module=nn.Linear(3, 4), max_train_steps=4, resume_from="latest")
     checkpoint = tmp_path / "run" / "checkpoints" / "step_0000002"
@@ -328,6 +332,28 @@ def test_a_trained_adapter_starts_from_the_files_fp32_weights_under_bf16(tmp_pat
     assert all(torch.equal(trained[name], reference[name]) for name in reference)  # fp32, not rounded
     assert not all(torch.equal(p, p.bfloat16().float()) for p in reference.values())  # rounding would show
     assert encoder.t5.encoder.shared.weight.dtype == torch.bfloat16
+
+
+def test_a_stage_folder_carries_the_frozen_adapter_it_was_trained_with(tmp_path, tiny_models):
+    """align --no_train_adapter (or any stage with --adapter X) trains against a frozen adapter:
+    its final/ must hold that adapter, byte for byte, or the model card's command and the next
+    stage pick another (or none)."""
+    import train_align
+    from longalign.training import write_final
+
+    model_args = ModelArguments(
+        pretrained_model=str(tiny_models["sd15"]), t5_model=str(tiny_models["t5"]), adapter=str(tiny_models["adapter"])
+    )
+    args = AlignArguments(
+        output_dir=str(tmp_path / "run"), dataset="unused.jsonl", mixed_precision="no", report_to="none", cpu=True,
+        validation_prompts=[], train_adapter=False,
+    )  # fmt: skip
+    accelerator = make_accelerator(args)
+    parts = train_align.build_stage(model_args, args, accelerator).parts
+    final = write_final(accelerator, args, model_args, parts, "align", 0)
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        assert (final / "adapter" / name).read_bytes() == (tiny_models["adapter"] / name).read_bytes()
+    assert json.loads((final / "config.json").read_text())["adapter_source"] == str(tiny_models["adapter"])
 
 
 def test_align_refuses_a_scheduler_whose_prediction_type_it_cannot_train(tmp_path, tiny_models):
