@@ -596,6 +596,29 @@ def prepare_optimization(accelerator: Accelerator, args: TrainingArguments, stag
     return params, optimizer, lr_scheduler
 
 
+def training_done(args: TrainingArguments, global_step: int, sampler: ResumableSampler) -> bool:
+    """At a window's end: `--max_train_steps` optimizer steps taken or, without it, `--num_train_epochs`
+    passes over the data consumed (the last window may run into the next epoch, as every window may).
+
+    Counting data, not a step total fixed at the start, keeps the epochs right when a resume runs
+    on another number of processes (the sampler rescales its position) and when windows straddle
+    epochs (a 1-micro-step epoch with accumulation 2 would otherwise run twice the epochs).
+    """
+    if args.max_train_steps is not None:
+        return global_step >= args.max_train_steps
+    return sampler.epoch + sampler.position / sampler.num_samples >= args.num_train_epochs
+
+
+def expected_steps(args: TrainingArguments, global_step: int, sampler: ResumableSampler) -> int:
+    """The optimizer steps the run will have taken when `training_done` (for the progress bar):
+    exact with `--max_train_steps`, else counting the micro-steps left in the epochs."""
+    if args.max_train_steps is not None:
+        return args.max_train_steps
+    per_epoch = math.ceil(sampler.num_samples / args.train_batch_size)
+    left = (args.num_train_epochs - sampler.epoch) * per_epoch - math.ceil(sampler.position / args.train_batch_size)
+    return global_step + max(math.ceil(left / args.gradient_accumulation_steps), 0)
+
+
 def run_training(model_args: ModelArguments, args: TrainingArguments, accelerator: Accelerator, stage: Stage, dataset) -> Path:
     """Train `stage` on `dataset` (items from `longalign.data`): the loop every stage shares.
 
@@ -610,8 +633,6 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
     sampler = ResumableSampler(len(dataset), args.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
     loader = make_dataloader(dataset, sampler, args.train_batch_size, args.dataloader_num_workers)
     monitor = BadRowMonitor.from_settings(args, rows_per_epoch=sampler.num_samples * accelerator.num_processes)
-    steps_per_epoch = math.ceil(sampler.num_samples / args.train_batch_size / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
 
     state = {"global_step": 0, "micro_step": 0, "nonfinite_in_a_row": 0}
     if resume is not None:
@@ -628,12 +649,16 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
         (Path(args.output_dir) / "config.json").write_text(json.dumps(config, indent=2))
         accelerator.init_trackers(f"longalign-{stage.name}", config={k: str(v) for k, v in asdict(args).items()})
 
-    progress = tqdm(total=max_steps, initial=state["global_step"], desc=stage.name, disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        total=expected_steps(args, state["global_step"], sampler), initial=state["global_step"], desc=stage.name,
+        disable=not accelerator.is_local_main_process,
+    )  # fmt: skip
     running: dict[str, float] = {}  # sums over this optimizer step's successful micro-steps
     counted = 0
     micro_steps_per_epoch = math.ceil(sampler.num_samples / args.train_batch_size)
     last_update = state["micro_step"]  # the micro-step of the last optimizer step (or of the resume)
-    while state["global_step"] < max_steps:
+    finished = training_done(args, state["global_step"], sampler)
+    while not finished:
         for batch in loader:
             # One collective per micro-step: every rank's usable rows and `batch_counts`, (P, 2 + reasons).
             counts = torch.tensor([[len(batch["caption"]), *monitor.batch_counts(batch)]], device=accelerator.device)
@@ -694,6 +719,8 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
                 running, counted = {}, 0
                 if state["micro_step"] - last_update > micro_steps_per_epoch + args.gradient_accumulation_steps:
                     raise UserError("a whole epoch passed without an optimizer step (no usable rows, or none with finite gradients)")
+                if finished := training_done(args, state["global_step"], sampler):
+                    break
                 continue
             last_update = state["micro_step"]
             state["nonfinite_in_a_row"] = 0
@@ -707,7 +734,8 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
             accelerator.log(logged, step=step)
             progress.update(1)
             progress.set_postfix(loss=f"{logged.get('loss', float('nan')):.4f}")
-            if step % args.checkpointing_steps == 0 or step == max_steps:
+            finished = training_done(args, step, sampler)
+            if step % args.checkpointing_steps == 0 or finished:
                 full_state = {
                     **state,
                     "sampler": sampler.state_dict(),
@@ -715,9 +743,9 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
                     "stateful": {name: _jsonable(obj.state_dict()) for name, obj in stateful.items()},
                 }
                 save_checkpoint(accelerator, args, step, prepared_modules, optimizer, lr_scheduler, full_state)
-            if args.validation_steps and step % args.validation_steps == 0 and step != max_steps:
+            if args.validation_steps and step % args.validation_steps == 0 and not finished:
                 validate(accelerator, args, parts, stage.validation, step)
-            if step >= max_steps:
+            if finished:
                 break
         else:
             sampler.next_epoch()

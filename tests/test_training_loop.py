@@ -458,3 +458,18 @@ def test_resuming_an_older_checkpoint_sets_the_later_work_aside(tmp_path, no_fin
     tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=4, checkpoints_total_limit=0, resume_from="latest")
     state = json.loads((run / "checkpoints" / "step_0000004" / "training_state.json").read_text())
     assert state["global_step"] == 4 and (aside / "step_0000004").is_dir()
+
+
+def test_epochs_count_passes_over_the_data(tmp_path, no_final):
+    """--num_train_epochs stops when that many passes over the data are consumed. A step total
+    fixed at the start ran a 1-micro-step epoch with accumulation 2 for twice the epochs (each
+    epoch rounded up to a window), and a resume on another number of processes for other epochs."""
+    two_rows = [{"path": f"{i}.png", "caption": f"caption {i}"} for i in range(2)]
+    tiny_loop(tmp_path / "a", data_and_noise_loss, table=two_rows, max_train_steps=None, num_train_epochs=2, gradient_accumulation_steps=2)
+    (checkpoint,) = checkpoint_dirs(str(tmp_path / "a" / "run"))
+    state = json.loads((checkpoint / "training_state.json").read_text())
+    assert (state["global_step"], state["micro_step"]) == (1, 2)  # one window: epoch 0 and epoch 1
+    assert state["sampler"]["epoch"] == 1 and state["sampler"]["position"] == 2
+    tiny_loop(tmp_path / "b", data_and_noise_loss, max_train_steps=None, num_train_epochs=3)  # 8 rows, batch 2
+    state = json.loads((checkpoint_dirs(str(tmp_path / "b" / "run"))[-1] / "training_state.json").read_text())
+    assert state["global_step"] == 12 and state["sampler"]["epoch"] == 2 and state["sampler"]["position"] == 8
