@@ -4,7 +4,8 @@
     python sample.py --prompt_file prompts.txt --sampler lcm --init_from runs/align-x/final runs/lcm-x/final
 
 With no --init_from/--adapter it uses the released LongSD weights (luping-liu/LongSD): adapter
-s28750_adapter, align LoRA s28750_lora_vis.pt and reward LoRA sd15-reward-3750.pt, fused in order.
+s28750_adapter, align LoRA s28750_lora_vis.pt and reward LoRA sd15-reward-3750.pt, fused in order,
+with the released `legacy` segmenter they were trained with unless --segmenter is given.
 Every image is written as PNG with a JSON sidecar (prompt, seed, sampler, checkpoints, encoding report).
 A rerun into the same --out skips the images already there with the same settings, so a cut-off
 run of many prompts resumes; --batch_size N draws N images per call, each with its own seed.
@@ -66,6 +67,11 @@ def read_prompts(args: SampleArguments) -> list[str]:
     return read_prompt_file(args.prompt_file, "--prompt_file")
 
 
+def given_flags(argv: list[str] | None) -> set[str]:
+    """The `--flag` names on the command line (`--flag value` and `--flag=value`)."""
+    return {arg.split("=", 1)[0] for arg in (sys.argv[1:] if argv is None else argv) if arg.startswith("--")}
+
+
 def resolve_device(args: SampleArguments) -> tuple[str, torch.dtype]:
     """Device and dtype: CUDA in float16 when available, else CPU in float32."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -95,9 +101,16 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"{flag} must be at least 1 (got {value})")
     if not model_args.init_from and model_args.adapter is None:
         model_args.init_from, model_args.adapter = list(LONGSD_LORAS), LONGSD_ADAPTER
-        print(f"using the released LongSD weights: {LONGSD_ADAPTER}, {', '.join(LONGSD_LORAS)}")
+        if "--segmenter" not in given_flags(argv):
+            model_args.segmenter = "legacy"  # the split LongSD was trained with (METHOD.md §1: released by default)
+        print(
+            f"using the released LongSD weights: {LONGSD_ADAPTER}, {', '.join(LONGSD_LORAS)} "
+            f"(--segmenter {model_args.segmenter})"
+        )
         if args.sampler != "unipc":
             logging.warning("LongSD has no LCM LoRA: --sampler %s needs an lcm stage in --init_from for sharp images", args.sampler)
+    elif not model_args.init_from:
+        print(f"no --init_from: SD1.5 with the adapter {model_args.adapter} and no LoRA")
     warn_about_stage_settings(model_args)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out '{args.out}' is a file, not a folder")

@@ -60,11 +60,18 @@ class ModelArguments:
         return [f"--{name} {getattr(self, name)}" for name in self.ENCODING if getattr(self, name) != getattr(defaults, name)]
 
     def encoding_differences(self, trained: dict) -> list[str]:
-        """`--flag`s of `ENCODING` whose value differs from `trained` (a stage's `config.json` "model")."""
+        """`--flag`s of `ENCODING` whose value differs from `trained` (a stage's `config.json` "model");
+        two spellings of one local folder (relative, absolute, a trailing `/`) are the same value."""
+
+        def same(a: object, b: object) -> bool:
+            if a == b or not (isinstance(a, str) and isinstance(b, str)):
+                return a == b
+            return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
         return [
             f"--{name} {trained[name]} (this run: {getattr(self, name)})"
             for name in self.ENCODING
-            if name in trained and trained[name] != getattr(self, name)
+            if name in trained and not same(trained[name], getattr(self, name))
         ]
 
 

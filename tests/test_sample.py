@@ -82,7 +82,8 @@ def test_both_samplers_write_pngs_and_sidecars(tiny_models, loras, tmp_path, sam
 
 def test_loras_change_the_images(tiny_models, loras, tmp_path):
     common = [*model_flags(tiny_models), "--sampler", "lcm", "--prompt", "a red circle", "--height", "64", "--width", "64"]
-    run_sample([*common, "--out", str(tmp_path / "plain")], tmp_path)
+    output = run_sample([*common, "--out", str(tmp_path / "plain")], tmp_path)
+    assert "no --init_from: SD1.5 with the adapter" in output  # --adapter alone drops LongSD's LoRAs: say so
     run_sample([*common, "--init_from", str(loras / "align"), "--out", str(tmp_path / "lora")], tmp_path)
     plain = np.asarray(Image.open(tmp_path / "plain" / "0000_00.png")).astype(int)
     with_lora = np.asarray(Image.open(tmp_path / "lora" / "0000_00.png")).astype(int)
@@ -92,11 +93,13 @@ def test_loras_change_the_images(tiny_models, loras, tmp_path):
 def test_a_stage_trained_with_other_encoder_settings_is_named(tiny_models, loras, tmp_path, caplog):
     stage = tmp_path / "align-final"
     shutil.copytree(loras / "align", stage)
-    (stage / "config.json").write_text(json.dumps({"stage": "align", "model": {"token_length": 120, "segmenter": "sentences"}}))
+    spelled_otherwise = str(tiny_models["sd15"]) + "/"  # the same folder as this run's
+    trained = {"token_length": 120, "segmenter": "sentences", "pretrained_model": spelled_otherwise}
+    (stage / "config.json").write_text(json.dumps({"stage": "align", "model": trained}))
     flags = [*small(tiny_models, stage), "--sampler", "lcm", "--out", str(tmp_path / "out")]
     sample.main(flags)
     assert f"{stage} was trained with --token_length 120 (this run: 240)" in caplog.text
-    assert "--segmenter" not in caplog.text  # the same as this run's
+    assert "--segmenter" not in caplog.text and "--pretrained_model" not in caplog.text  # the same as this run's
 
 
 def test_empty_prompt_is_unconditional_generation(tiny_models, tmp_path):
@@ -259,8 +262,14 @@ def test_hub_ids_without_hub_access(tiny_models, capsys, monkeypatch):
 
 def test_lcm_on_the_released_weights_is_warned_about(capsys, caplog, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub fetch then fails; the warning comes first
-    expect_user_error(["--prompt", "a cat", "--sampler", "lcm", "--height", "64", "--width", "64"], capsys, "luping-liu/LongSD")
+    with pytest.raises(SystemExit):
+        sample.main(["--prompt", "a cat", "--sampler", "lcm", "--height", "64", "--width", "64"])
     assert "LongSD has no LCM LoRA: --sampler lcm needs an lcm stage in --init_from" in caplog.text
+    out, err = capsys.readouterr()
+    assert "(--segmenter legacy)" in out and "luping-liu/LongSD" in err  # the split LongSD was trained with
+    with pytest.raises(SystemExit):
+        sample.main(["--prompt", "a cat", "--segmenter=sentences"])
+    assert "(--segmenter sentences)" in capsys.readouterr().out  # unless asked for another
 
 
 def test_released_lcm_sampler_steps_to_the_x0_prediction(monkeypatch):
