@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out '{args.out}' is a file, not a folder")
     for index, prompt in enumerate(prompts):
-        if not prompt.strip():
+        if not prompt.strip() and (not prompt or model_args.segmenter != "legacy"):  # legacy: "  " is a "." segment
             print(f"prompt {index} is empty: unconditional generation")
     device, dtype = resolve_device(args)
     loras, adapter, checkpoints = resolve_sources(

@@ -58,7 +58,7 @@ def parse_stage_arguments(stage_class: type, argv: list[str] | None = None) -> t
 def make_accelerator(args: TrainingArguments) -> Accelerator:
     """Accelerator with the run's precision, accumulation and trackers (logs in OUTPUT_DIR/logs)."""
     config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs"))
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -66,6 +66,11 @@ def make_accelerator(args: TrainingArguments) -> Accelerator:
         cpu=args.cpu,
         step_scheduler_with_optimizer=False,  # the loop steps it once per optimizer step (warmup in optimizer steps)
     )
+    # This project's INFO lines (adapter used, resume, rank agreement) from the main process; warnings
+    # from every process. A no-op where logging is configured already (e.g. under pytest).
+    logging.basicConfig(format="%(levelname)s:%(name)s: %(message)s")
+    logging.getLogger("longalign").setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
+    return accelerator
 
 
 # --------------------------------------------------------------------------------- parts

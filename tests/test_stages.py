@@ -235,6 +235,28 @@ def test_two_processes_on_cpu(tmp_path, tiny_models, dataset):
     assert state["lr_scheduler"]["_last_lr"] == pytest.approx([1e-3 * 4 / 10])
 
 
+@pytest.mark.parametrize("stage", ["lcm", "reward"])
+def test_later_stages_on_two_processes(chain, tiny_models, dataset, stage):
+    """The later stages under DDP too (2 CPU processes): lcm's teacher call switches the LoRA off
+    inside the wrapped UNet, reward backpropagates through checkpointed rollout calls and gathers
+    the common direction. The run's closing check fails if the ranks' weights part ways."""
+    cwd, _ = chain
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+    ]  # fmt: skip
+    script = {"lcm": "train_lcm.py", "reward": "train_reward.py"}[stage]
+    extra = ["--reward_model", str(tiny_models["preference"]), "--rollout", "ddim_cfg"] if stage == "reward" else []
+    out = cwd / "runs" / f"{stage}-ddp"
+    command = [
+        *launch, str(ROOT / script), *common_flags(tiny_models, dataset), "--init_from", "runs/align-tiny/final",
+        "--output_dir", str(out), "--cpu", *extra,
+    ]  # fmt: skip
+    result = run(command, cwd, env={"ACCELERATE_USE_CPU": "true"})
+    assert "all 2 processes hold the same trainable weights" in result.stdout, result.stdout[-2000:]
+    assert json.loads((out / "final" / "config.json").read_text())["num_processes"] == 2
+
+
 def test_run_unet_refuses_a_num_gpus_that_is_not_a_number(tmp_path):
     result = run(["bash", str(ROOT / "run_unet.sh"), "align", "x"], tmp_path, env={"NUM_GPUS": "two"}, check=False)
     assert result.returncode == 2 and "NUM_GPUS must be a whole number (got 'two')" in result.stdout
