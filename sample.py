@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -96,6 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     steps = spec.steps if args.steps is None else args.steps
     guidance_scale = spec.guidance_scale if args.guidance_scale is None else args.guidance_scale
     validate_generation(steps, args.height, args.width, spec.max_steps)
+    if not math.isfinite(guidance_scale):
+        raise UserError(f"--guidance_scale must be a finite number (got {guidance_scale})")
+    if not -(2**63) <= args.seed <= 2**64 - args.num_images:  # torch.Generator seeds: int64 or uint64
+        raise UserError(f"--seed must be in [-2**63, 2**64 - --num_images] (got {args.seed})")
     for flag, value in {"--num_images": args.num_images, "--batch_size": args.batch_size}.items():
         if value < 1:
             raise UserError(f"{flag} must be at least 1 (got {value})")

@@ -7,6 +7,7 @@ The resolved configuration is written next to every output (`config.json`).
 from __future__ import annotations
 
 import importlib.util
+import math
 import logging
 import os
 import sys
@@ -22,10 +23,10 @@ logger = logging.getLogger(__name__)
 
 
 def check_positive(values: dict[str, float]) -> None:
-    """A `UserError` naming the first `--flag` whose value is not positive."""
+    """A `UserError` naming the first `--flag` whose value is not a positive finite number."""
     for flag, value in values.items():
-        if not value > 0:
-            raise UserError(f"{flag} must be positive (got {value})")
+        if not 0 < value < math.inf:
+            raise UserError(f"{flag} must be a positive number (got {value})")
 
 
 @dataclass
@@ -148,7 +149,14 @@ class TrainingArguments(DataSettings):
             raise UserError("--report_to wandb needs the wandb package (pip install wandb), or use tensorboard")
         if self.resume_from is not None and self.overwrite:
             raise UserError("--resume_from and --overwrite contradict each other; pick one")
-        check_positive({"--learning_rate": self.learning_rate, "--max_grad_norm": self.max_grad_norm})
+        check_positive({"--learning_rate": self.learning_rate, "--max_grad_norm": self.max_grad_norm, "--adam_epsilon": self.adam_epsilon})
+        for flag, beta in {"--adam_beta1": self.adam_beta1, "--adam_beta2": self.adam_beta2}.items():
+            if not 0.0 <= beta < 1.0:
+                raise UserError(f"{flag} must be in [0, 1) (got {beta})")
+        if not 0.0 <= self.adam_weight_decay < math.inf:
+            raise UserError(f"--adam_weight_decay must be 0 or more (got {self.adam_weight_decay})")
+        if self.validation_steps < 0:
+            raise UserError(f"--validation_steps must be 0 (only at the end) or more (got {self.validation_steps})")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise UserError(f"--lora_dropout must be in [0, 1) (got {self.lora_dropout})")
         if self.dataloader_num_workers < 0:

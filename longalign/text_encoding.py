@@ -157,10 +157,13 @@ class PromptReport:
         return asdict(self)
 
 
+MAX_TOKEN_LENGTH = 1024  # rows per branch; the paper uses 240, and the UNet's attention grows with it
+
+
 def checked_token_length(token_length: int) -> int:
-    """`token_length` if it is at least 1 (rows per branch of the UNet context), else a `UserError`."""
-    if token_length < 1:
-        raise UserError(f"--token_length must be at least 1 (got {token_length})")
+    """`token_length` if it is in [1, MAX_TOKEN_LENGTH] (rows per branch of the UNet context), else a `UserError`."""
+    if not 1 <= token_length <= MAX_TOKEN_LENGTH:
+        raise UserError(f"--token_length must be in [1, {MAX_TOKEN_LENGTH}] (got {token_length})")
     return token_length
 
 

@@ -171,6 +171,10 @@ def test_bad_sizes_and_steps(tiny_models, capsys, monkeypatch):
     expect_user_error([*small(tiny_models), "--sampeler", "lcm"], capsys, "unknown flag(s) --sampeler lcm")
     expect_user_error([*small(tiny_models), "--sampler", "lcm", "--steps", "51"], capsys, "--steps 51", "at most 50")
     expect_user_error([*small(tiny_models), "--device", "foo"], capsys, "unknown --device 'foo'")
+    expect_user_error([*small(tiny_models), "--steps", "999"], capsys, "--steps 999", "at most 500")  # UniPC: a NaN image
+    expect_user_error([*small(tiny_models), "--guidance_scale", "nan"], capsys, "--guidance_scale must be a finite")
+    expect_user_error([*small(tiny_models), "--seed", str(2**64)], capsys, "--seed must be in")  # torch.Generator overflows
+    expect_user_error([*small(tiny_models), "--token_length", "100000"], capsys, "--token_length must be in [1, 1024]")
 
 
 def test_out_that_is_a_file_is_refused(tiny_models, tmp_path, capsys):

@@ -147,7 +147,9 @@ def test_stage_arguments_are_checked():
     with pytest.raises(UserError, match="--num_ddim_timesteps"):
         LcmArguments(num_ddim_timesteps=0)
     for flags, match in [
-        (dict(lora_dropout=1.5), "--lora_dropout must be in"), (dict(max_grad_norm=0.0), "--max_grad_norm must be positive"),
+        (dict(lora_dropout=1.5), "--lora_dropout must be in"), (dict(max_grad_norm=0.0), "--max_grad_norm must be a positive"),
+        (dict(learning_rate=float("inf")), "--learning_rate must be a positive"), (dict(adam_beta1=1.5), "--adam_beta1 must be in"),
+        (dict(adam_epsilon=-1.0), "--adam_epsilon"), (dict(validation_steps=-1), "--validation_steps"),
         (dict(learning_rate=-1e-5), "--learning_rate"), (dict(huber_c=0.0), "--huber_c"), (dict(dataloader_num_workers=-1), "--dataloader_num_workers"),
     ]:  # fmt: skip
         with pytest.raises(UserError, match=match):
