@@ -33,6 +33,7 @@ esac
 here=$(cd "$(dirname "$0")" && pwd)
 python=${PYTHON:-python}
 if [ -n "${ACCELERATE_CONFIG:-}" ]; then
+  [ -f "$ACCELERATE_CONFIG" ] || { echo "ACCELERATE_CONFIG: no such file '$ACCELERATE_CONFIG'" >&2; exit 2; }
   launch=("$python" -m accelerate.commands.launch --config_file "$ACCELERATE_CONFIG")
 else
   gpus=${NUM_GPUS:-$("$python" -c "import torch; print(torch.cuda.device_count())")}

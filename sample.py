@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from longalign.config import ModelArguments, parse_flags
-from longalign.loading import UserError, cli_entry, read_prompt_file
+from longalign.loading import UserError, check_device, check_folder_path, cli_entry, read_prompt_file
 from longalign.pipeline import (
     LONGSD_ADAPTER,
     LONGSD_LORAS,
@@ -75,13 +75,7 @@ def given_flags(argv: list[str] | None) -> set[str]:
 
 def resolve_device(args: SampleArguments) -> tuple[str, torch.dtype]:
     """Device and dtype: CUDA in float16 when available, else CPU in float32."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown --device '{device}'; e.g. cuda, cuda:1, cpu") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("float16" if device.startswith("cuda") else "float32")
     if dtype_name not in DTYPES:
         raise UserError(f"unknown --dtype '{dtype_name}'; choose one of: {', '.join(DTYPES)}")
@@ -117,8 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     elif not model_args.init_from:
         print(f"no --init_from: SD1.5 with the adapter {model_args.adapter} and no LoRA")
     warn_about_stage_settings(model_args)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UserError(f"--out '{args.out}' is a file, not a folder")
+    check_folder_path(args.out, "--out")
     for index, prompt in enumerate(prompts):
         if not prompt.strip() and (not prompt or model_args.segmenter != "legacy"):  # legacy: "  " is a "." segment
             print(f"prompt {index} is empty: unconditional generation")

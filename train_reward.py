@@ -26,6 +26,7 @@ from longalign.training import (
     Stage,
     StageParts,
     ValidationSettings,
+    check_output_dir,
     encode_prompts_and_unconditional,
     load_stage_parts,
     make_accelerator,
@@ -69,8 +70,9 @@ def build_stage(model_args: ModelArguments, args: RewardArguments, accelerator) 
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     model_args, args = parse_stage_arguments(RewardArguments, argv)
+    check_output_dir(args)  # a used --output_dir fails before any model loads
     get_rollout(args.rollout)  # a bad --rollout fails before any model loads
-    dataset = CaptionDataset(load_caption_table(args), args)
+    dataset = CaptionDataset(load_caption_table(args, with_images=False), args)
     accelerator = make_accelerator(args)
     run_training(model_args, args, accelerator, build_stage(model_args, args, accelerator), dataset)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .loading import UserError, cli_entry, read_prompt_file
+from .loading import UserError, check_device, check_folder_path, cli_entry, read_prompt_file
 from .reward import TEXT_MODES, PreferenceModel, common_direction, decompose, load_preference_model
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -59,7 +59,7 @@ def load_image(path: Path) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as error:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise UserError(f"could not read image '{path}' ({error})") from None
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
@@ -212,8 +212,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
+    check_device(args.device)
+    check_folder_path(args.out, "--out")  # before the embeddings are computed, not after
 
     prompts = read_prompt_file(args.prompts, "--prompts")
+    if len(prompts) < 2:  # V would be the one prompt's own direction: eta = 1, t_perp = 0, R@1 = 1
+        raise UserError(f"--prompts '{args.prompts}' holds {len(prompts)} prompt; the analysis needs at least 2")
     paths = match_images(args.images, len(prompts))
     model = load_preference_model(args.model, device=args.device, segmenter=args.segmenter)
     generator = torch.Generator().manual_seed(args.seed)

@@ -129,14 +129,19 @@ def _looks_like_file(name: str) -> bool:
 
 def _image_folder_table(folder: Path) -> tuple[list[dict[str, str]], int]:
     """Rows {path, caption} for every image under `folder` with a `.txt` caption beside it, and
-    the number of images without one."""
+    the number of images without one. A caption file that is not UTF-8 text gives caption None,
+    which training skips and counts as a bad caption."""
     rows, uncaptioned = [], 0
     for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
         caption_file = image.with_suffix(".txt")
         if not caption_file.is_file():
             uncaptioned += 1
             continue
-        rows.append({"path": image.relative_to(folder).as_posix(), "caption": caption_file.read_text(encoding="utf-8")})
+        try:
+            caption = caption_file.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            caption = None
+        rows.append({"path": image.relative_to(folder).as_posix(), "caption": caption})
     return rows, uncaptioned
 
 
@@ -159,11 +164,12 @@ def _load_with_datasets(settings: DataSettings, kind: str | None, source: str):
         raise UserError(f"could not read dataset '{source}': {reason}{hint}") from None
 
 
-def load_caption_table(settings: DataSettings):
+def load_caption_table(settings: DataSettings, with_images: bool = True):
     """Load the (path, caption) table named by `settings.dataset` (METHOD.md §6).
 
     Returns a `datasets.Dataset` with exactly the columns `path` and `caption` (renamed from
-    `settings.image_column` / `settings.caption_column`), in file order, optionally cut to
+    `settings.image_column` / `settings.caption_column`), or `caption` alone without
+    `with_images` (the reward stages: a prompt table needs no image column), in file order, optionally cut to
     `settings.max_rows`. Captions are returned raw; `LongCaptionImageDataset` normalises them
     when a row is read, so the 2.27M-row hub table needs no pass over all rows here. A missing
     file or folder, missing columns (the columns found are named) or an empty table raise
@@ -177,7 +183,8 @@ def load_caption_table(settings: DataSettings):
         if uncaptioned:
             logger.warning("%d images under %s have no .txt caption beside them and are not used", uncaptioned, source)
         table = datasets.Dataset.from_list(folder_rows)
-        image_column, caption_column = "path", "caption"
+        if not with_images:
+            table = table.select_columns(["caption"])
     else:
         if os.path.isfile(source):
             suffix = Path(source).suffix.lower()
@@ -198,17 +205,20 @@ def load_caption_table(settings: DataSettings):
         else:  # a hub id (resolve_source refuses anything not shaped like one)
             table = _load_with_datasets(settings, None, resolve_source(settings.dataset, "dataset"))
         image_column, caption_column = settings.image_column, settings.caption_column
-        missing = [name for name in (image_column, caption_column) if name not in table.column_names]
+        if with_images and image_column == caption_column:
+            raise UserError(f"--image_column and --caption_column are both '{image_column}'; they must differ")
+        wanted = {"path": image_column, "caption": caption_column} if with_images else {"caption": caption_column}
+        missing = [name for name in wanted.values() if name not in table.column_names]
         if missing:
             raise UserError(
                 f"dataset '{settings.dataset}' has no column(s) {', '.join(map(repr, missing))}; columns found: "
                 f"{', '.join(map(repr, table.column_names))} (choose with --image_column / --caption_column)"
             )
-        table = table.select_columns([image_column, caption_column])
-        if image_column != "path" or caption_column != "caption":
+        table = table.select_columns(list(wanted.values()))
+        if list(wanted.values()) != list(wanted):
             # Two-step rename so that swapped names (path <-> caption) cannot collide.
-            table = table.rename_columns({image_column: "__image", caption_column: "__caption"})
-            table = table.rename_columns({"__image": "path", "__caption": "caption"})
+            table = table.rename_columns({column: f"__{name}" for name, column in wanted.items()})
+            table = table.rename_columns({f"__{name}": name for name in wanted})
     if len(table) == 0:
         raise UserError(f"dataset '{settings.dataset}' (split '{settings.split}') has no rows")
     if settings.max_rows is not None and settings.max_rows < len(table):

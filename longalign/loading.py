@@ -11,6 +11,7 @@ import functools
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.-]+)*")
@@ -44,12 +45,35 @@ def resolve_source(name: str, what: str) -> str:
     path = os.path.expanduser(str(name))
     if os.path.exists(path):
         return path
+    if str(name).startswith((".", "/", "~")) or not _HUB_ID.fullmatch(str(name)):
+        raise UserError(f"{what} not found: '{name}' is not an existing file or folder")
     first = str(name).split("/")[0]
     if os.path.isdir(first):  # `runs/align-x/final` with `runs/` here: a mistyped local path, not a hub id
         raise UserError(f"{what} not found: no such file or folder '{name}' (in '{first}/')")
-    if _HUB_ID.fullmatch(str(name)) and not str(name).startswith((".", "/", "~")):
-        return str(name)
-    raise UserError(f"{what} not found: '{name}' is not an existing file or folder")
+    return str(name)
+
+
+def check_device(device: str) -> str:
+    """`device` if torch knows it and it is here (cuda only with CUDA available), else a `UserError`."""
+    import torch
+
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown --device '{device}'; e.g. cuda, cuda:1, cpu") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+def check_folder_path(path: str, flag: str) -> None:
+    """A `UserError` when `path` cannot be (or become) a folder: it, or the nearest part of it that
+    exists, is a file."""
+    for part in [path, *(str(parent) for parent in Path(path).parents)]:
+        if os.path.exists(part):
+            if not os.path.isdir(part):
+                raise UserError(f"{flag} '{path}': '{part}' is a file, not a folder")
+            return
 
 
 def read_prompt_file(path: str, flag: str) -> list[str]:

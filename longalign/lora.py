@@ -260,6 +260,8 @@ def write_lora(weights: LoraWeights, folder: str | os.PathLike) -> Path:
     """
     from diffusers import StableDiffusionPipeline
 
+    if os.path.isfile(folder):  # diffusers would log an error and write nothing
+        raise UserError(f"'{folder}' is a file, not a folder to write {LORA_WEIGHT_NAME} into")
     StableDiffusionPipeline.save_lora_weights(
         str(folder),
         unet_lora_layers=weights.state_dict,

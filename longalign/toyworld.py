@@ -34,7 +34,7 @@ from typing import Sequence
 
 import torch
 
-from .loading import UserError, cli_entry
+from .loading import UserError, check_device, cli_entry
 
 IMAGE_SIZE = 32
 GRID = 3
@@ -423,6 +423,7 @@ class MakeConfig:
         for name in ("clip_steps", "vae_steps", "threads"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be >= 0 (got {getattr(self, name)})")
+        check_device(self.device)  # before the data is written, not after
 
 
 def make(root: str | os.PathLike, config: MakeConfig | None = None, log=print) -> dict[str, Path]:

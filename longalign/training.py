@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .config import ModelArguments, TrainingArguments, parse_flags
 from .data import BadRowMonitor, ResumableSampler, make_dataloader
-from .loading import UserError, load_pretrained, local_path
+from .loading import UserError, check_folder_path, load_pretrained, local_path
 from .lora import LoraSettings, add_lora, fuse_stage_loras, save_lora
 from .pipeline import LongPromptPipeline, get_sampler, stage_adapter
 from .text_encoding import LongPromptEncoder
@@ -198,40 +198,59 @@ def checkpoint_dirs(output_dir: str) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def prepare_output_dir(args: TrainingArguments, accelerator: Accelerator) -> Path | None:
-    """Check the output folder against `--resume_from` / `--overwrite`; return the checkpoint to resume."""
+def holds_run(out: Path) -> bool:
+    """Whether an output folder holds (part of) a training run."""
+    return any((out / name).exists() for name in ("config.json", "checkpoints", "final"))
+
+
+def check_output_dir(args: TrainingArguments) -> Path | None:
+    """The checkpoint this run resumes (None: it starts fresh), or a `UserError` for an output folder
+    it must not use. It only reads, so the stage scripts call it before any model loads."""
     out = Path(args.output_dir)
-    holds_run = (out / "config.json").exists() or (out / "checkpoints").exists() or (out / "final").exists()
+    check_folder_path(str(out), "--output_dir")
     if args.resume_from is None:
-        if holds_run and not args.overwrite:
+        if holds_run(out) and not args.overwrite:
             if not checkpoint_dirs(args.output_dir):
                 raise UserError(f"'{out}' holds a run that saved no checkpoint; pass --overwrite to start it over")
             raise UserError(
                 f"'{out}' holds another run; pass --resume_from latest to continue it or --overwrite to replace it"
             )
-        if holds_run and accelerator.is_main_process:
-            for name in ("checkpoints", "final", "validation", "logs", "config.json"):
-                path = out / name
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        accelerator.wait_for_everyone()
         return None
     if args.resume_from in ("latest", "auto"):
         found = checkpoint_dirs(args.output_dir)
-        if found:
-            check_optimizer_settings(found[-1], args)
-            return found[-1]
-        if args.resume_from == "auto":
+        if not found and args.resume_from == "auto":
             return None
-        raise UserError(
-            f"--resume_from latest: no checkpoint in '{out / 'checkpoints'}'; use --resume_from auto to start "
-            "fresh when there is none"
-        )
-    path = Path(args.resume_from)
-    if not (path / STATE_FILE).exists():
-        raise UserError(f"--resume_from '{path}' is not a complete checkpoint (no {STATE_FILE})")
+        if not found:
+            raise UserError(
+                f"--resume_from latest: no checkpoint in '{out / 'checkpoints'}'; use --resume_from auto to start "
+                "fresh when there is none"
+            )
+        path = found[-1]
+    else:
+        path = Path(args.resume_from)
+        if not (path / STATE_FILE).exists():
+            raise UserError(f"--resume_from '{path}' is not a complete checkpoint (no {STATE_FILE})")
+        if holds_run(out) and path.resolve().parent != (out / "checkpoints").resolve():
+            raise UserError(
+                f"'{out}' holds another run than the one '{path}' belongs to; continue it in an empty --output_dir"
+            )
     check_optimizer_settings(path, args)
-    set_aside_later_work(out, path, accelerator)
     return path
+
+
+def prepare_output_dir(args: TrainingArguments, accelerator: Accelerator) -> Path | None:
+    """`check_output_dir`, then make the folder ready: `--overwrite` clears an old run's outputs, and
+    a resume from an older checkpoint sets the later work aside. Returns the checkpoint to resume."""
+    resume = check_output_dir(args)
+    out = Path(args.output_dir)
+    if resume is None and args.overwrite and holds_run(out) and accelerator.is_main_process:
+        for name in ("checkpoints", "final", "validation", "logs", "config.json"):
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    if resume is not None:
+        set_aside_later_work(out, resume, accelerator)
+    return resume
 
 
 def check_optimizer_settings(checkpoint: Path, args: TrainingArguments) -> None:
@@ -268,7 +287,10 @@ def set_aside_later_work(out: Path, resume: Path, accelerator: Accelerator) -> N
     """Resuming from a checkpoint older than the run's newest abandons what came after it: the newer
     checkpoints (which `latest` would pick and pruning would keep) and `final/` move, untouched, to
     `checkpoints/abandoned_K/`, where nothing resumes from or prunes them."""
-    step = json.loads((resume / STATE_FILE).read_text())["global_step"]
+    try:
+        step = json.loads((resume / STATE_FILE).read_text())["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a damaged state file: load_checkpoint names it, and nothing has moved
     later = [d for d in checkpoint_dirs(str(out)) if checkpoint_step(d) > step]
     if not later:
         return  # `final/`, if any, is the newest checkpoint's state, which this run continues
@@ -388,17 +410,26 @@ def load_checkpoint(
             f"checkpoint '{path}' trained more modules than this run ({len(modules)}); resume with the same "
             "settings (e.g. --train_adapter)"
         )
-    for index, module in enumerate(modules):
+    try:  # read every file before anything is restored: a damaged one changes nothing
+        states = [load_file(path / trainable_file(index)) for index in range(len(modules))]
+        with safe_open(path / OPTIMIZER_FILE, framework="pt") as file:
+            optimizer_state = unflatten_optimizer_state({key: file.get_tensor(key) for key in file.keys()}, file.metadata())
+        saved = json.loads((path / STATE_FILE).read_text())
+        missing = {"lr_scheduler", "sampler", "bad_rows", "global_step"} - saved.keys()
+        if missing:
+            raise KeyError(f"{STATE_FILE} lacks {sorted(missing)[0]}")
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        found = checkpoint_dirs(str(path.parent.parent)) if path.name.startswith("step_") else []
+        earlier = [d for d in found if checkpoint_step(d) < checkpoint_step(path)]
+        hint = f"; resume from an earlier one: --resume_from {earlier[-1]}" if earlier else ""
+        raise UserError(f"checkpoint '{path}' is damaged ({error.__class__.__name__}: {error}){hint}") from None
+    for index, (module, state) in enumerate(zip(modules, states)):
         model = accelerator.unwrap_model(module)
-        state = load_file(path / trainable_file(index))
         expected = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}
         if {name: tensor.shape for name, tensor in state.items()} != expected:
             raise UserError(f"checkpoint '{path}' does not match this run's trainable parameters (model {index})")
         model.load_state_dict(state, strict=False)
-    with safe_open(path / OPTIMIZER_FILE, framework="pt") as file:
-        tensors = {key: file.get_tensor(key) for key in file.keys()}
-        optimizer.load_state_dict(unflatten_optimizer_state(tensors, file.metadata()))
-    saved = json.loads((path / STATE_FILE).read_text())
+    optimizer.load_state_dict(optimizer_state)
     lr_scheduler.load_state_dict(saved["lr_scheduler"])
     if accelerator.scaler is not None and saved["grad_scaler"] is not None:  # else fp16 starts a fresh scale
         accelerator.scaler.load_state_dict(saved["grad_scaler"])

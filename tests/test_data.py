@@ -94,11 +94,14 @@ def test_image_folder_with_txt_captions(tmp_path):
     Image.new("RGB", (32, 48), (0, 0, 255)).save(folder / "sub" / "b.jpg")
     (folder / "sub" / "b.txt").write_text("A blue picture.")
     Image.new("RGB", (32, 32)).save(folder / "no_caption.png")
+    Image.new("RGB", (32, 32)).save(folder / "latin1.png")
+    (folder / "latin1.txt").write_bytes(b"Un caf\xe9")  # not UTF-8: a bad caption row, not a crash
     settings = settings_for(folder, tmp_path)
     table = load_caption_table(settings)
-    assert table["path"] == ["a.png", "sub/b.jpg"]
+    assert table["path"] == ["a.png", "latin1.png", "sub/b.jpg"] and table["caption"][1] is None
     dataset = build_train_dataset(settings)
-    red, blue = dataset[0], dataset[1]
+    red, bad, blue = dataset[0], dataset[1], dataset[2]
+    assert bad.reason == "bad_caption"
     assert red["caption"] == "First paragraph. Second paragraph."
     # pure red -> channel 0 at +1, the others at -1; JPEG blue within a small tolerance
     assert torch.allclose(red["pixel_values"][:, 16, 16], torch.tensor([1.0, -1.0, -1.0]))
@@ -112,6 +115,13 @@ def test_table_errors(tmp_path):
     bad.write_text(json.dumps({"image": "a.png", "text": "x"}) + "\n")
     with pytest.raises(UserError, match=r"no column\(s\) 'path', 'caption'; columns found: 'image', 'text'"):
         load_caption_table(settings_for(bad, tmp_path))
+    prompts_only = tmp_path / "prompts.jsonl"  # the reward stages need captions only
+    prompts_only.write_text(json.dumps({"caption": "A red door."}) + "\n" + json.dumps({"caption": "A blue sky."}) + "\n")
+    assert load_caption_table(settings_for(prompts_only, tmp_path), with_images=False)["caption"] == ["A red door.", "A blue sky."]
+    with pytest.raises(UserError, match=r"no column\(s\) 'path'"):
+        load_caption_table(settings_for(prompts_only, tmp_path))
+    with pytest.raises(UserError, match="--image_column and --caption_column are both 'caption'"):
+        load_caption_table(DataSettings(dataset=str(prompts_only), image_column="caption"))
     empty = tmp_path / "empty.csv"
     empty.write_text("path,caption\n")
     with pytest.raises(UserError, match="no rows"):

@@ -325,3 +325,8 @@ def test_convert_cli_good_and_bad_file(tiny_models, tmp_path):
     lines = bad.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "expected 130 tensors" in lines[0], bad.stderr
     assert not (tmp_path / "out2").exists()
+
+    (tmp_path / "a_file").write_text("x")  # diffusers logs an error, writes nothing; it was reported as written
+    into_file = subprocess.run(command + [str(tmp_path / "good.pt"), str(tmp_path / "a_file")] + flags, **env_args)
+    assert into_file.returncode == 2 and "is a file, not a folder" in into_file.stderr
+    assert (tmp_path / "a_file").read_text() == "x"

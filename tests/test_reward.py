@@ -457,3 +457,26 @@ def test_image_matching_rules_and_recall(tmp_path):
     x = torch.eye(4)
     assert recall_at_1(x, x) == 1.0
     assert recall_at_1(x, x[[1, 0, 2, 3]]) == 0.5
+
+
+def test_analysis_refuses_what_it_cannot_analyse_before_any_work(tmp_path, capsys):
+    """One line before any embedding: an --out that is a file (it failed after the work), an
+    unknown device, and a single prompt (V would be its own direction: eta 1, R@1 1)."""
+    from longalign import analyze_preference
+    from longalign.toyworld import MakeConfig
+
+    prompts, images = _write_analysis_inputs(tmp_path, 6)
+    (tmp_path / "a_file").write_text("x")
+    one = tmp_path / "one.txt"
+    one.write_text("A red door.\n")
+    common = ["--model", "/no/such/model", "--images", str(images)]
+    for flags, message in [
+        (["--prompts", str(prompts), "--out", str(tmp_path / "a_file")], "is a file, not a folder"),
+        (["--prompts", str(prompts), "--out", str(tmp_path / "out"), "--device", "foo"], "unknown --device 'foo'"),
+        (["--prompts", str(one), "--out", str(tmp_path / "out")], "needs at least 2"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            analyze_preference.main([*common, *flags])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(UserError, match="unknown --device"):
+        MakeConfig(device="foo")  # the toy world checks it before writing its data

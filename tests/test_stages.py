@@ -46,7 +46,10 @@ def chain(tmp_path_factory, tiny_models, dataset):
     """align -> lcm -> reward -> reward_lcm through run_unet.sh, 2 optimizer steps each."""
     cwd = tmp_path_factory.mktemp("chain")
     flags = common_flags(tiny_models, dataset)
-    reward_flags = ["--reward_model", str(tiny_models["preference"]), "--train_batch_size", "2"]
+    prompts = cwd / "prompts.jsonl"  # the reward stages train on captions alone: no image column
+    rows = [json.loads(line) for line in Path(dataset).read_text().splitlines()]
+    prompts.write_text("".join(json.dumps({"caption": row["caption"]}) + "\n" for row in rows))
+    reward_flags = ["--reward_model", str(tiny_models["preference"]), "--train_batch_size", "2", "--dataset", str(prompts)]
     outputs = {}
     for stage, extra in [
         ("align", ["--adapter", str(tiny_models["adapter"])]),
@@ -260,3 +263,5 @@ def test_later_stages_on_two_processes(chain, tiny_models, dataset, stage):
 def test_run_unet_refuses_a_num_gpus_that_is_not_a_number(tmp_path):
     result = run(["bash", str(ROOT / "run_unet.sh"), "align", "x"], tmp_path, env={"NUM_GPUS": "two"}, check=False)
     assert result.returncode == 2 and "NUM_GPUS must be a whole number (got 'two')" in result.stdout
+    result = run(["bash", str(ROOT / "run_unet.sh"), "align", "x"], tmp_path, env={"ACCELERATE_CONFIG": "no.yaml"}, check=False)
+    assert result.returncode == 2 and "ACCELERATE_CONFIG: no such file 'no.yaml'" in result.stdout

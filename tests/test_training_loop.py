@@ -217,6 +217,17 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, no_final):
     with pytest.raises(UserError, match="trained more modules than this run"):
         tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=4, resume_from="latest")
     extra.unlink()
+    state_file = checkpoint / "training_state.json"
+    intact = state_file.read_text()
+    for damage in ("{", "{}"):  # a truncated or emptied state file: one line, nothing restored
+        state_file.write_text(damage)
+        with pytest.raises(UserError, match="checkpoint .*step_0000002' is damaged"):
+            tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=4, resume_from="latest")
+    state_file.write_text(intact)
+    weights = checkpoint / "trainable_0.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with pytest.raises(UserError, match="is damaged \\(SafetensorError"):
+        tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=4, resume_from="latest")
     (checkpoint / OPTIMIZER_FILE).unlink()
     with pytest.raises(UserError, match=f"has no {OPTIMIZER_FILE}"):
         tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=4, resume_from="latest")
@@ -475,3 +486,24 @@ def test_epochs_count_passes_over_the_data(tmp_path, no_final):
     tiny_loop(tmp_path / "b", data_and_noise_loss, max_train_steps=None, num_train_epochs=3)  # 8 rows, batch 2
     state = json.loads((checkpoint_dirs(str(tmp_path / "b" / "run"))[-1] / "training_state.json").read_text())
     assert state["global_step"] == 12 and state["sampler"]["epoch"] == 2 and state["sampler"]["position"] == 8
+
+
+def test_the_output_folder_is_checked_before_anything_loads(tmp_path, capsys, no_final):
+    """A used --output_dir, one under a file, or another run's checkpoint resumed into a folder that
+    holds a run: one line before the dataset or any model loads (those flags name nothing real)."""
+    import train_align
+
+    tiny_loop(tmp_path / "a", data_and_noise_loss, max_train_steps=2, checkpointing_steps=1)
+    tiny_loop(tmp_path / "b", data_and_noise_loss, max_train_steps=2, checkpointing_steps=1)
+    (tmp_path / "a_file").write_text("x")
+    other = tmp_path / "b" / "run" / "checkpoints" / "step_0000001"
+    for flags, message in [
+        ([], "holds another run; pass --resume_from latest"),
+        (["--output_dir", str(tmp_path / "a_file" / "run")], "is a file, not a folder"),
+        (["--resume_from", str(other)], "holds another run than the one"),
+    ]:
+        argv = ["--output_dir", str(tmp_path / "a" / "run"), "--dataset", "/no/such.jsonl", "--pretrained_model", "/no/such", *flags]
+        with pytest.raises(SystemExit) as exit_info:
+            train_align.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert [d.name for d in checkpoint_dirs(str(tmp_path / "a" / "run"))] == ["step_0000001", "step_0000002"]
