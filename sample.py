@@ -31,7 +31,9 @@ from longalign.pipeline import (
     LONGSD_LORAS,
     LongPromptPipeline,
     get_sampler,
+    lacks_lcm_stage,
     resolve_sources,
+    stage_config,
     validate_generation,
 )
 
@@ -110,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
             logging.warning("LongSD has no LCM LoRA: --sampler %s needs an lcm stage in --init_from for sharp images", args.sampler)
     elif not model_args.init_from:
         print(f"no --init_from: SD1.5 with the adapter {model_args.adapter} and no LoRA")
+    elif args.sampler != "unipc" and lacks_lcm_stage(model_args.init_from):
+        logging.warning("--sampler %s: none of the --init_from stages is an lcm stage, so the images will be blurred", args.sampler)
     warn_about_stage_settings(model_args)
     check_folder_path(args.out, "--out")
     for index, prompt in enumerate(prompts):
@@ -167,12 +171,8 @@ def warn_about_stage_settings(model_args: ModelArguments) -> None:
     """Warn when an `--init_from` stage folder was trained with other encoder settings or models
     (its `config.json`): its LoRA then sees a context it was not trained on."""
     for source in model_args.init_from:
-        try:
-            with open(os.path.join(source, "config.json"), encoding="utf-8") as handle:
-                trained = json.load(handle).get("model", {})
-        except (OSError, ValueError, AttributeError):
-            continue  # not a stage folder of ours (a released .pt, a LoRA file, a hub path)
-        for difference in model_args.encoding_differences(trained):
+        config = stage_config(source) or {}  # {}: not a stage folder of ours (a released .pt, a LoRA file)
+        for difference in model_args.encoding_differences(config.get("model", {})):
             logging.warning("%s was trained with %s", source, difference)
 
 

@@ -14,6 +14,7 @@ the reward from overfitting to a generic "preferred" style.
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
@@ -21,6 +22,7 @@ from longalign.config import ModelArguments, RewardArguments
 from longalign.data import CaptionDataset, load_caption_table
 from longalign.diffusion import RolloutSettings, get_rollout
 from longalign.loading import cli_entry
+from longalign.pipeline import lacks_lcm_stage
 from longalign.reward import DecomposedReward
 from longalign.training import (
     Stage,
@@ -33,6 +35,8 @@ from longalign.training import (
     parse_stage_arguments,
     run_training,
 )
+
+logger = logging.getLogger(__name__)
 
 STAGES = {"ddim_cfg": "reward", "lcm": "reward_lcm"}
 
@@ -70,8 +74,10 @@ def build_stage(model_args: ModelArguments, args: RewardArguments, accelerator) 
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     model_args, args = parse_stage_arguments(RewardArguments, argv)
-    check_output_dir(args)  # a used --output_dir fails before any model loads
+    check_output_dir(model_args, args)  # a used --output_dir fails before any model loads
     get_rollout(args.rollout)  # a bad --rollout fails before any model loads
+    if args.rollout == "lcm" and lacks_lcm_stage(model_args.init_from):
+        logger.warning("--rollout lcm: none of the --init_from stages is an lcm stage; the 4-step rollout will be blurred")
     dataset = CaptionDataset(load_caption_table(args, with_images=False), args)
     accelerator = make_accelerator(args)
     run_training(model_args, args, accelerator, build_stage(model_args, args, accelerator), dataset)

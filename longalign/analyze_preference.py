@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from .data import to_rgb
 from .loading import UserError, check_device, check_folder_path, cli_entry, read_prompt_file
 from .reward import TEXT_MODES, PreferenceModel, common_direction, decompose, load_preference_model
 
@@ -58,7 +59,7 @@ def load_image(path: Path) -> torch.Tensor:
 
     try:
         with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+            array = np.asarray(to_rgb(image), dtype=np.float32) / 255.0
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise UserError(f"could not read image '{path}' ({error})") from None
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()

@@ -22,6 +22,16 @@ from .text_encoding import SD15, T5_LARGE
 logger = logging.getLogger(__name__)
 
 
+def same_setting(a: Any, b: Any) -> bool:
+    """Equal values, where two spellings of one local path (relative, absolute, a trailing `/`) are
+    equal too, also inside lists (`--init_from`)."""
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_setting(x, y) for x, y in zip(a, b))
+    if a == b or not (isinstance(a, str) and isinstance(b, str)):
+        return a == b
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
 def check_positive(values: dict[str, float]) -> None:
     """A `UserError` naming the first `--flag` whose value is not a positive finite number."""
     for flag, value in values.items():
@@ -55,24 +65,25 @@ class ModelArguments:
     # The settings a stage's LoRA is tied to: sampling it with others conditions the UNet differently.
     ENCODING = ("pretrained_model", "t5_model", "encoder_mode", "segmenter", "token_length")
 
+    def __post_init__(self) -> None:
+        seen = set()
+        for source in self.init_from:
+            key = os.path.realpath(source) if os.path.exists(source) else source
+            if key in seen:
+                raise UserError(f"--init_from names '{source}' twice: its LoRA would be fused twice")
+            seen.add(key)
+
     def encoding_flags(self) -> list[str]:
         """`--flag value` for each of `ENCODING` that is not the default (for a model card's command)."""
         defaults = ModelArguments()
         return [f"--{name} {getattr(self, name)}" for name in self.ENCODING if getattr(self, name) != getattr(defaults, name)]
 
-    def encoding_differences(self, trained: dict) -> list[str]:
-        """`--flag`s of `ENCODING` whose value differs from `trained` (a stage's `config.json` "model");
-        two spellings of one local folder (relative, absolute, a trailing `/`) are the same value."""
-
-        def same(a: object, b: object) -> bool:
-            if a == b or not (isinstance(a, str) and isinstance(b, str)):
-                return a == b
-            return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
-
+    def encoding_differences(self, trained: dict, names: Sequence[str] = ENCODING) -> list[str]:
+        """`--flag`s of `names` whose value differs from `trained` (a stage's `config.json` "model")."""
         return [
             f"--{name} {trained[name]} (this run: {getattr(self, name)})"
-            for name in self.ENCODING
-            if name in trained and not same(trained[name], getattr(self, name))
+            for name in names
+            if name in trained and not same_setting(trained[name], getattr(self, name))
         ]
 
 

@@ -286,10 +286,27 @@ def augment_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(mixed_seed(seed, index))
 
 
+def to_rgb(image):
+    """A PIL image of any mode -> RGB. 16- and 32-bit greyscale (`I;16`, `I`: a 16-bit PNG) is
+    scaled from the 16-bit range and float greyscale (`F`) from [0, 1] (or clipped to [0, 255]);
+    PIL's own conversion clips them, so most 16-bit photos became pure white."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode == "I":
+        array = np.asarray(image, dtype=np.float64) / 257.0
+    elif image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        array = array * 255.0 if array.max(initial=0.0) <= 1.0 else array
+    else:
+        return image.convert("RGB")
+    return Image.fromarray(np.clip(array, 0, 255).round().astype(np.uint8), "L").convert("RGB")
+
+
 def prepare_image(image, settings: DataSettings, generator: torch.Generator | None = None) -> torch.Tensor:
     """PIL image -> (3, R, R) float tensor in [-1, 1], R = `settings.resolution` (METHOD.md §6).
 
-    Converts to RGB, resizes the shorter side to R (bilinear, as released), then center-crops
+    Converts to RGB (`to_rgb`), resizes the shorter side to R (bilinear, as released), then center-crops
     (or crops at a position drawn from `generator` when `settings.center_crop` is False) and
     optionally flips horizontally (a draw from `generator`).
     """
@@ -297,7 +314,7 @@ def prepare_image(image, settings: DataSettings, generator: torch.Generator | No
     from torchvision.transforms.v2 import functional as TF
 
     size = settings.resolution
-    image = image.convert("RGB")
+    image = to_rgb(image)
     image = TF.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
     width, height = image.size
     if settings.center_crop:

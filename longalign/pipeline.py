@@ -7,6 +7,7 @@ diffusers' own. This is the one generation path: `sample.py` and training valida
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -80,6 +81,25 @@ def resolve_sources(
         adapter = local_path(stage_adapter(adapter, loras), "adapter")
     checkpoints = {"pretrained_model": pretrained_model, "t5_model": t5_model, "adapter": adapter, "init_from": list(init_from)}
     return loras, adapter, checkpoints
+
+
+def stage_config(source: str) -> dict | None:
+    """The `config.json` of one of our stage folders (`runs/align-x/final`), or None for anything
+    else (a LoRA file, a released `.pt`, a hub path)."""
+    try:
+        with open(os.path.join(source, "config.json"), encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) and "stage" in config else None
+
+
+def lacks_lcm_stage(init_from: Sequence[str]) -> bool:
+    """True when every `--init_from` source is one of our stage folders and none is an `lcm` stage:
+    LCM sampling (or the reward_lcm rollout) of that UNet gives blurred images. A source of
+    unknown kind may be an LCM-LoRA, so then False."""
+    configs = [stage_config(source) for source in init_from]
+    return all(configs) and not any(config["stage"] == "lcm" for config in configs)
 
 
 def stage_adapter(adapter: str | None, init_from: Sequence[str]) -> str:

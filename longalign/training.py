@@ -203,7 +203,7 @@ def holds_run(out: Path) -> bool:
     return any((out / name).exists() for name in ("config.json", "checkpoints", "final"))
 
 
-def check_output_dir(args: TrainingArguments) -> Path | None:
+def check_output_dir(model_args: ModelArguments, args: TrainingArguments) -> Path | None:
     """The checkpoint this run resumes (None: it starts fresh), or a `UserError` for an output folder
     it must not use. It only reads, so the stage scripts call it before any model loads."""
     out = Path(args.output_dir)
@@ -235,13 +235,45 @@ def check_output_dir(args: TrainingArguments) -> Path | None:
                 f"'{out}' holds another run than the one '{path}' belongs to; continue it in an empty --output_dir"
             )
     check_optimizer_settings(path, args)
+    check_resumed_settings(path, model_args, args)
     return path
 
 
-def prepare_output_dir(args: TrainingArguments, accelerator: Accelerator) -> Path | None:
+# Flags that may change on a resume: where and how long the run goes, not what it trains.
+RESUMABLE_FLAGS = frozenset({
+    "output_dir", "resume_from", "overwrite", "max_train_steps", "num_train_epochs", "checkpointing_steps",
+    "checkpoints_total_limit", "validation_steps", "validation_prompts", "report_to", "dataloader_num_workers",
+    "cpu", "max_nonfinite_steps", "max_bad_fraction", "min_rows_before_check", "warn_every_rows", "image_root",
+    "cache_dir", "dataset", "train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing",
+})  # fmt: skip
+
+
+def check_resumed_settings(checkpoint: Path, model_args: ModelArguments, args: TrainingArguments) -> None:
+    """Against the `config.json` of the run a checkpoint belongs to: other models, earlier stages or
+    encoder settings (the checkpoint's LoRA was trained on them) are a `UserError`; other training
+    flags, a warning naming them (they apply from here on). Runs without that file pass."""
+    run = checkpoint.parent.parent / "config.json"
+    try:
+        saved = json.loads(run.read_text())
+        saved_model, saved_training = saved["model"], saved["training"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    differences = model_args.encoding_differences(saved_model, (*ModelArguments.ENCODING, "adapter", "init_from"))
+    if differences:
+        raise UserError(f"'{checkpoint}' was trained with {differences[0]}; resume with the same models and stages")
+    changed = [
+        f"--{name} {value} (was {saved_training[name]})"
+        for name, value in asdict(args).items()
+        if name not in RESUMABLE_FLAGS and name in saved_training and saved_training[name] != value
+    ]
+    if changed:
+        logger.warning("resuming with changed flags, which apply from here on: %s", ", ".join(changed))
+
+
+def prepare_output_dir(model_args: ModelArguments, args: TrainingArguments, accelerator: Accelerator) -> Path | None:
     """`check_output_dir`, then make the folder ready: `--overwrite` clears an old run's outputs, and
     a resume from an older checkpoint sets the later work aside. Returns the checkpoint to resume."""
-    resume = check_output_dir(args)
+    resume = check_output_dir(model_args, args)
     out = Path(args.output_dir)
     if resume is None and args.overwrite and holds_run(out) and accelerator.is_main_process:
         for name in ("checkpoints", "final", "validation", "logs", "config.json"):
@@ -661,7 +693,7 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
     Resumes from `--resume_from`, checkpoints every `--checkpointing_steps`, validates every
     `--validation_steps`, and writes `final/`. Returns the `final/` folder.
     """
-    resume = prepare_output_dir(args, accelerator)
+    resume = prepare_output_dir(model_args, args, accelerator)
     params, optimizer, lr_scheduler = prepare_optimization(accelerator, args, stage)
     prepared_modules = list(stage.trainable.values())
     parts, stateful = stage.parts, stage.stateful

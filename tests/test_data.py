@@ -355,3 +355,19 @@ def test_sampler_resume_with_other_process_count_keeps_global_progress():
     three.load_state_dict(two.state_dict())
     assert three.position == 4 and len(three) == 4
     assert list(three) == list(ResumableSampler(24, seed=1).epoch_order(0)[12 + 2 :: 3].tolist())
+
+
+def test_16_bit_and_float_greyscale_keep_their_tones(tmp_path):
+    """PIL's own RGB conversion clips a 16-bit PNG (mode I;16) to white and a float image to black:
+    the training image would be blank while the row counted as good."""
+    import numpy as np
+
+    ramp = np.tile(np.linspace(0, 1, 64), (64, 1))  # dark on the left, bright on the right
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "grey16.png")
+    eight_bit = prepare_image(Image.fromarray((ramp * 255).round().astype(np.uint8)), DataSettings(dataset="x.jsonl", resolution=32))
+    settings = DataSettings(dataset="x.jsonl", resolution=32)
+    with Image.open(tmp_path / "grey16.png") as sixteen:
+        assert sixteen.mode.startswith("I")
+        assert (prepare_image(sixteen, settings) - eight_bit).abs().max() < 0.02
+    float_image = Image.fromarray(ramp.astype(np.float32), "F")
+    assert (prepare_image(float_image, settings) - eight_bit).abs().max() < 0.02

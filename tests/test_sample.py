@@ -13,7 +13,10 @@ import torch
 from PIL import Image
 from test_lora import legacy_list
 
+from longalign.config import ModelArguments
+from longalign.loading import UserError
 from longalign.lora import LoraSettings, add_lora, save_lora
+from longalign.pipeline import lacks_lcm_stage
 from longalign.tiny import tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +103,14 @@ def test_a_stage_trained_with_other_encoder_settings_is_named(tiny_models, loras
     sample.main(flags)
     assert f"{stage} was trained with --token_length 120 (this run: 240)" in caplog.text
     assert "--segmenter" not in caplog.text and "--pretrained_model" not in caplog.text  # the same as this run's
+    assert "--sampler lcm: none of the --init_from stages is an lcm stage" in caplog.text  # only an align stage
+    with pytest.raises(UserError, match="names '.*' twice"):
+        ModelArguments(init_from=[str(stage), str(stage) + "/"])  # its LoRA would be fused twice
+    lcm = tmp_path / "lcm-final"
+    lcm.mkdir()
+    (lcm / "config.json").write_text(json.dumps({"stage": "lcm"}))
+    assert lacks_lcm_stage([str(stage)]) and not lacks_lcm_stage([str(stage), str(lcm)])
+    assert not lacks_lcm_stage([str(stage), str(loras / "reward_list.pt")])  # of unknown kind: may be an LCM-LoRA
 
 
 def test_empty_prompt_is_unconditional_generation(tiny_models, tmp_path):

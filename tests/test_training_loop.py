@@ -507,3 +507,26 @@ def test_the_output_folder_is_checked_before_anything_loads(tmp_path, capsys, no
             train_align.main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert [d.name for d in checkpoint_dirs(str(tmp_path / "a" / "run"))] == ["step_0000001", "step_0000002"]
+
+
+def test_a_resume_on_other_models_is_refused_and_changed_flags_are_named(tmp_path, caplog, no_final):
+    """The checkpoint's LoRA was trained on its run's models and earlier stages: resuming it on other
+    ones is refused. Other training flags apply from the resume on, and a warning names them."""
+    from longalign.training import check_resumed_settings
+
+    tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=2, checkpointing_steps=2)
+    (checkpoint,) = checkpoint_dirs(str(tmp_path / "run"))
+    args = AlignArguments(output_dir=str(tmp_path / "run"), dataset="unused.jsonl", max_train_steps=10, validation_prompts=[], **{
+        "train_batch_size": 2, "gradient_accumulation_steps": 1, "mixed_precision": "no", "report_to": "none",
+        "dataloader_num_workers": 0, "cpu": True, "max_nonfinite_steps": 5,
+    })  # fmt: skip
+    with pytest.raises(UserError, match="was trained with --init_from \\[\\] \\(this run: \\['runs/lcm-x/final'\\]\\)"):
+        check_resumed_settings(checkpoint, ModelArguments(init_from=["runs/lcm-x/final"]), args)
+    with pytest.raises(UserError, match="was trained with --token_length 240"):
+        check_resumed_settings(checkpoint, ModelArguments(token_length=120), args)
+    with caplog.at_level(logging.WARNING, logger="longalign.training"):
+        check_resumed_settings(checkpoint, ModelArguments(), args)
+        assert "changed flags" not in caplog.text  # the same settings, only a longer run
+        args.caption_dropout = 0.2
+        check_resumed_settings(checkpoint, ModelArguments(), args)
+    assert "resuming with changed flags, which apply from here on: --caption_dropout 0.2 (was 0.1)" in caplog.text
