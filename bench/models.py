@@ -27,8 +27,10 @@ from pathlib import Path
 import torch
 
 from longalign.adapter import TextAdapter
+from longalign.tiny import MARKER as TINY_MARKER
 from longalign.tiny import (
     SD15_SCHEDULER,
+    check_random_weights_root,
     clip_text_config,
     write_clip_tokenizer,
     write_t5_tokenizer,
@@ -167,6 +169,7 @@ def ensure_models(size: str, root: str | Path, device: str = "cpu") -> dict[str,
     names = ("sd15", "t5", "adapter", "preference")
     if marker.exists() and json.loads(marker.read_text()).get("size") == size:
         return {name: root / name for name in names}
+    check_random_weights_root(root, names, (MARKER, TINY_MARKER))  # never over a real model download
     root.mkdir(parents=True, exist_ok=True)
     folders = write_tiny_models(root) if size == "tiny" else write_sd15_models(root, device=device)
     marker.write_text(json.dumps({"size": size}))

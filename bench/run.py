@@ -61,6 +61,8 @@ if str(ROOT) not in sys.path:  # `python bench/run.py` puts bench/ first on the 
 
 import torch
 
+from longalign.loading import cli_entry
+
 STAGES = ("align", "lcm", "reward", "reward_lcm", "sample")
 STAGE_CHOICES = (*STAGES, "all", "chain")
 # The paper's per-GPU batch sizes (released launcher; METHOD.md §5).
@@ -1070,6 +1072,7 @@ def print_tables(path: str) -> int:
     return 0
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     options, ns = parse_options(argv)
     if ns.table:

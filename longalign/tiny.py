@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .adapter import TextAdapter
+from .loading import UserError, cli_entry
 
 TEXT_WIDTH = 32  # tiny CLIP hidden size = UNet cross-attention width
 T5_WIDTH = 32
@@ -216,19 +217,36 @@ def write_preference(folder: Path, clip_tokenizer: Path) -> None:
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
 
 
+MARKER = "tiny_models.json"  # in a root this module wrote (so writing there again is safe)
+
+
+def check_random_weights_root(root: Path, names: tuple[str, ...], markers: tuple[str, ...] = (MARKER,)) -> None:
+    """A `UserError` when random-weight models would overwrite model folders under `root` that no
+    writer of random weights left there (no marker): e.g. a real SD1.5 download."""
+    if any((root / marker).exists() for marker in markers):
+        return
+    for name in names:
+        if (root / name).is_dir() and any((root / name).iterdir()):
+            raise UserError(f"'{root / name}' holds files this tool did not write; choose an empty folder for the random-weight models")
+
+
 def write_tiny_models(root: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
-    """Write every tiny model folder under `root`; returns {name: folder}."""
+    """Write every tiny model folder under `root`; returns {name: folder}. Model folders it did
+    not write itself are never overwritten (`check_random_weights_root`)."""
     root = Path(root)
     folders = {name: root / name for name in ("sd15", "t5", "adapter", "preference")}
+    check_random_weights_root(root, tuple(folders))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         write_sd15(folders["sd15"])
         write_t5(folders["t5"])
         write_adapter(folders["adapter"])
         write_preference(folders["preference"], folders["sd15"] / "tokenizer")
+    (root / MARKER).write_text(json.dumps({"seed": seed}))
     return folders
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dir", help="output folder")

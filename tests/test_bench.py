@@ -225,3 +225,24 @@ def test_recorder_appends_and_rewrites(tmp_path):
     assert saved[0] == {"run": 1} and [r["name"] for r in saved[1]["results"]] == ["align", "lcm"]
     table = markdown(run)
     assert "| align | 16 | 512 |" in table and "| oom |" in table
+
+
+def test_random_weights_never_overwrite_a_real_model_folder(tmp_path, capsys):
+    """`python -m longalign.tiny DIR` and bench/run.py --models DIR write random weights: into a
+    folder holding a real download they would replace it without a word."""
+    from longalign import tiny
+    from longalign.loading import UserError
+
+    real = tmp_path / "models" / "sd15" / "unet"
+    real.mkdir(parents=True)
+    (real / "config.json").write_text('{"real": true}')
+    with pytest.raises(SystemExit) as exit_info:
+        tiny.main([str(tmp_path / "models")])
+    assert exit_info.value.code == 2 and "holds files this tool did not write" in capsys.readouterr().err
+    assert (real / "config.json").read_text() == '{"real": true}'
+    from bench.models import ensure_models
+
+    with pytest.raises(UserError, match="holds files this tool did not write"):
+        ensure_models("tiny", tmp_path / "models")
+    tiny.write_tiny_models(tmp_path / "ours")
+    tiny.write_tiny_models(tmp_path / "ours")  # its own folders: written again
