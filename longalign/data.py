@@ -149,6 +149,8 @@ def _load_with_datasets(settings: DataSettings, kind: str | None, source: str):
     import datasets
 
     kwargs: dict[str, Any] = {"split": settings.split, "cache_dir": settings.cache_dir}
+    if os.path.isfile(source) and os.path.getsize(source) == 0:  # datasets says only 'StopIteration'
+        raise UserError(f"dataset '{source}' is an empty file")
     try:
         if kind is None:
             return datasets.load_dataset(source, **kwargs)

@@ -234,9 +234,21 @@ def check_output_dir(model_args: ModelArguments, args: TrainingArguments) -> Pat
             raise UserError(
                 f"'{out}' holds another run than the one '{path}' belongs to; continue it in an empty --output_dir"
             )
+    step = saved_step(path)
+    if step is not None and args.max_train_steps is not None and step > args.max_train_steps:
+        raise UserError(f"--max_train_steps {args.max_train_steps} is below the step of '{path}' ({step})")
     check_optimizer_settings(path, args)
     check_resumed_settings(path, model_args, args)
     return path
+
+
+def saved_step(checkpoint: Path) -> int | None:
+    """The optimizer step in a checkpoint's state file (None when it is damaged: `load_checkpoint`
+    names it)."""
+    try:
+        return int(json.loads((checkpoint / STATE_FILE).read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # Flags that may change on a resume: where and how long the run goes, not what it trains.
@@ -319,9 +331,8 @@ def set_aside_later_work(out: Path, resume: Path, accelerator: Accelerator) -> N
     """Resuming from a checkpoint older than the run's newest abandons what came after it: the newer
     checkpoints (which `latest` would pick and pruning would keep) and `final/` move, untouched, to
     `checkpoints/abandoned_K/`, where nothing resumes from or prunes them."""
-    try:
-        step = json.loads((resume / STATE_FILE).read_text())["global_step"]
-    except (OSError, ValueError, KeyError, TypeError):
+    step = saved_step(resume)
+    if step is None:
         return  # a damaged state file: load_checkpoint names it, and nothing has moved
     later = [d for d in checkpoint_dirs(str(out)) if checkpoint_step(d) > step]
     if not later:

@@ -122,6 +122,9 @@ def test_table_errors(tmp_path):
         load_caption_table(settings_for(prompts_only, tmp_path))
     with pytest.raises(UserError, match="--image_column and --caption_column are both 'caption'"):
         load_caption_table(DataSettings(dataset=str(prompts_only), image_column="caption"))
+    (tmp_path / "zero.jsonl").write_text("")
+    with pytest.raises(UserError, match="is an empty file"):
+        load_caption_table(settings_for(tmp_path / "zero.jsonl", tmp_path))
     empty = tmp_path / "empty.csv"
     empty.write_text("path,caption\n")
     with pytest.raises(UserError, match="no rows"):

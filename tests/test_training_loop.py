@@ -206,9 +206,10 @@ def test_checkpoints_hold_only_safetensors_and_json_and_resume_exactly(tmp_path,
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, no_final):
     tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=2, checkpointing_steps=2)
     for flags, match in [(dict(learning_rate=0.5), "--learning_rate 0.5 differs from the checkpoint's 3e-05"),
+                         (dict(max_train_steps=1), "--max_train_steps 1 is below the step of"),
                          (dict(adam_beta2=0.99), "--adam_beta2 0.99 differs")]:  # fmt: skip
         with pytest.raises(UserError, match=match):  # restored from the checkpoint, it would be ignored
-            tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=4, resume_from="latest", **flags)
+            tiny_loop(tmp_path, data_and_noise_loss, resume_from="latest", **({"max_train_steps": 4} | flags))
     with pytest.raises(UserError, match="does not match this run's trainable parameters"):
         tiny_loop(tmp_path, data_and_noise_loss, module=nn.Linear(3, 4), max_train_steps=4, resume_from="latest")
     checkpoint = tmp_path / "run" / "checkpoints" / "step_0000002"
