@@ -269,7 +269,7 @@ class SegmentCLIPEncoder(nn.Module):
         where = (
             f"segment {report.cut_segment + 1}/{len(segments)} ('{report.cut_text}...')"
             if report.cut_segment is not None
-            else "inside over-long segments"
+            else "over-long segments (each cut at CLIP's window)"
         )
         self.truncation_warnings.warn(
             "prompt %s: %d of %d CLIP content tokens dropped (token_length=%d); the cut fell in %s",
