@@ -171,6 +171,6 @@ def ensure_models(size: str, root: str | Path, device: str = "cpu") -> dict[str,
         return {name: root / name for name in names}
     check_random_weights_root(root, names, (MARKER, TINY_MARKER))  # never over a real model download
     root.mkdir(parents=True, exist_ok=True)
-    folders = write_tiny_models(root) if size == "tiny" else write_sd15_models(root, device=device)
+    folders = write_tiny_models(root, markers=(MARKER, TINY_MARKER)) if size == "tiny" else write_sd15_models(root, device=device)
     marker.write_text(json.dumps({"size": size}))
     return folders

@@ -290,16 +290,18 @@ def augment_generator(seed: int, index: int) -> torch.Generator:
 
 def to_rgb(image):
     """A PIL image of any mode -> RGB. 16- and 32-bit greyscale (`I;16`, `I`: a 16-bit PNG) is
-    scaled from the 16-bit range and float greyscale (`F`) from [0, 1] (or clipped to [0, 255]);
-    PIL's own conversion clips them, so most 16-bit photos became pure white."""
+    scaled from the 16-bit range (unless it holds 8-bit values) and float greyscale (`F`) from
+    [0, 1] (or clipped to [0, 255]); PIL's own conversion clips them, so most 16-bit photos
+    became pure white."""
     import numpy as np
     from PIL import Image
 
-    if image.mode.startswith("I;16") or image.mode == "I":
-        array = np.asarray(image, dtype=np.float64) / 257.0
-    elif image.mode == "F":
-        array = np.asarray(image, dtype=np.float64)
-        array = array * 255.0 if array.max(initial=0.0) <= 1.0 else array
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        array = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        if image.mode.startswith("I;16") or (image.mode == "I" and array.max(initial=0.0) > 255):
+            array = array / 257.0  # (an `I` image may hold 8-bit values)
+        elif image.mode == "F" and array.max(initial=0.0) <= 1.0:
+            array = array * 255.0
     else:
         return image.convert("RGB")
     return Image.fromarray(np.clip(array, 0, 255).round().astype(np.uint8), "L").convert("RGB")

@@ -47,9 +47,6 @@ def resolve_source(name: str, what: str) -> str:
         return path
     if str(name).startswith((".", "/", "~")) or not _HUB_ID.fullmatch(str(name)):
         raise UserError(f"{what} not found: '{name}' is not an existing file or folder")
-    first = str(name).split("/")[0]
-    if os.path.isdir(first):  # `runs/align-x/final` with `runs/` here: a mistyped local path, not a hub id
-        raise UserError(f"{what} not found: no such file or folder '{name}' (in '{first}/')")
     return str(name)
 
 
@@ -96,6 +93,9 @@ def _first_line(error: BaseException) -> str:
 
 
 def _hub_hint(name: str, what: str, error: BaseException) -> UserError:
+    first = name.split("/")[0]
+    if os.path.isdir(first):  # `runs/align-typo/final` with `runs/` here: most likely a mistyped local path
+        return UserError(f"{what} not found: no such file or folder '{name}' (nor a hub repo '{first}/...')")
     return UserError(
         f"could not load {what} '{name}': no such local path, and fetching it from the hub failed "
         f"({_first_line(error)}); check the path, or download it elsewhere and pass the local folder"

@@ -222,20 +222,23 @@ MARKER = "tiny_models.json"  # in a root this module wrote (so writing there aga
 
 def check_random_weights_root(root: Path, names: tuple[str, ...], markers: tuple[str, ...] = (MARKER,)) -> None:
     """A `UserError` when random-weight models would overwrite model folders under `root` that no
-    writer of random weights left there (no marker): e.g. a real SD1.5 download."""
+    writer of random weights left there (none of `markers`): e.g. a real SD1.5 download."""
     if any((root / marker).exists() for marker in markers):
         return
     for name in names:
         if (root / name).is_dir() and any((root / name).iterdir()):
-            raise UserError(f"'{root / name}' holds files this tool did not write; choose an empty folder for the random-weight models")
+            raise UserError(
+                f"'{root / name}' holds files this tool did not write (no {markers[0]} beside it); choose an empty "
+                "folder for the random-weight models"
+            )
 
 
-def write_tiny_models(root: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
-    """Write every tiny model folder under `root`; returns {name: folder}. Model folders it did
-    not write itself are never overwritten (`check_random_weights_root`)."""
+def write_tiny_models(root: str | os.PathLike, seed: int = 0, markers: tuple[str, ...] = (MARKER,)) -> dict[str, Path]:
+    """Write every tiny model folder under `root`; returns {name: folder}. Model folders that no
+    writer of `markers` left there are never overwritten (`check_random_weights_root`)."""
     root = Path(root)
     folders = {name: root / name for name in ("sd15", "t5", "adapter", "preference")}
-    check_random_weights_root(root, tuple(folders))
+    check_random_weights_root(root, tuple(folders), markers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         write_sd15(folders["sd15"])

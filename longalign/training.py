@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import ModelArguments, TrainingArguments, parse_flags
+from .config import ModelArguments, TrainingArguments, parse_flags, same_setting
 from .data import BadRowMonitor, ResumableSampler, make_dataloader
 from .loading import UserError, check_folder_path, load_pretrained, local_path
 from .lora import LoraSettings, add_lora, fuse_stage_loras, save_lora
@@ -194,8 +194,23 @@ def checkpoint_dirs(output_dir: str) -> list[Path]:
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [d for d in root.iterdir() if d.name.startswith("step_") and (d / STATE_FILE).exists()]
+    found = [d for d in root.iterdir() if checkpoint_step(d) is not None and (d / STATE_FILE).exists()]
     return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The optimizer step in a checkpoint folder's name (`step_N`), or None for another name."""
+    digits = path.name.removeprefix("step_")
+    return int(digits) if path.name.startswith("step_") and digits.isdigit() else None
+
+
+def saved_state(checkpoint: Path) -> dict[str, Any] | None:
+    """A checkpoint's `training_state.json` (None when it is damaged: `load_checkpoint` names it)."""
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
 
 
 def holds_run(out: Path) -> bool:
@@ -205,7 +220,8 @@ def holds_run(out: Path) -> bool:
 
 def check_output_dir(model_args: ModelArguments, args: TrainingArguments) -> Path | None:
     """The checkpoint this run resumes (None: it starts fresh), or a `UserError` for an output folder
-    it must not use. It only reads, so the stage scripts call it before any model loads."""
+    it must not use or a checkpoint it must not resume so. It only reads, so the stage scripts call
+    it before any model loads."""
     out = Path(args.output_dir)
     check_folder_path(str(out), "--output_dir")
     if args.resume_from is None:
@@ -234,67 +250,30 @@ def check_output_dir(model_args: ModelArguments, args: TrainingArguments) -> Pat
             raise UserError(
                 f"'{out}' holds another run than the one '{path}' belongs to; continue it in an empty --output_dir"
             )
-    step = saved_step(path)
-    if step is not None and args.max_train_steps is not None and step > args.max_train_steps:
-        raise UserError(f"--max_train_steps {args.max_train_steps} is below the step of '{path}' ({step})")
+    check_training_length(path, args)
     check_optimizer_settings(path, args)
-    check_resumed_settings(path, model_args, args)
+    differences = resumed_differences(path, model_args, args)
+    if differences["refused"]:
+        raise UserError(f"'{path}' was trained with {differences['refused'][0]}; resume with the same settings")
     return path
 
 
-def saved_step(checkpoint: Path) -> int | None:
-    """The optimizer step in a checkpoint's state file (None when it is damaged: `load_checkpoint`
-    names it)."""
-    try:
-        return int(json.loads((checkpoint / STATE_FILE).read_text())["global_step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-# Flags that may change on a resume: where and how long the run goes, not what it trains.
-RESUMABLE_FLAGS = frozenset({
-    "output_dir", "resume_from", "overwrite", "max_train_steps", "num_train_epochs", "checkpointing_steps",
-    "checkpoints_total_limit", "validation_steps", "validation_prompts", "report_to", "dataloader_num_workers",
-    "cpu", "max_nonfinite_steps", "max_bad_fraction", "min_rows_before_check", "warn_every_rows", "image_root",
-    "cache_dir", "dataset", "train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing",
-})  # fmt: skip
-
-
-def check_resumed_settings(checkpoint: Path, model_args: ModelArguments, args: TrainingArguments) -> None:
-    """Against the `config.json` of the run a checkpoint belongs to: other models, earlier stages or
-    encoder settings (the checkpoint's LoRA was trained on them) are a `UserError`; other training
-    flags, a warning naming them (they apply from here on). Runs without that file pass."""
-    run = checkpoint.parent.parent / "config.json"
-    try:
-        saved = json.loads(run.read_text())
-        saved_model, saved_training = saved["model"], saved["training"]
-    except (OSError, ValueError, KeyError, TypeError):
+def check_training_length(checkpoint: Path, args: TrainingArguments) -> None:
+    """A `UserError` when the run would end before the checkpoint: `final/` would hold its later
+    state while `config.json` recorded the shorter run."""
+    state = saved_state(checkpoint) or {}
+    if args.max_train_steps is not None:
+        step = state.get("global_step")
+        if isinstance(step, int) and step > args.max_train_steps:
+            raise UserError(f"--max_train_steps {args.max_train_steps} is below the step of '{checkpoint}' ({step})")
         return
-    differences = model_args.encoding_differences(saved_model, (*ModelArguments.ENCODING, "adapter", "init_from"))
-    if differences:
-        raise UserError(f"'{checkpoint}' was trained with {differences[0]}; resume with the same models and stages")
-    changed = [
-        f"--{name} {value} (was {saved_training[name]})"
-        for name, value in asdict(args).items()
-        if name not in RESUMABLE_FLAGS and name in saved_training and saved_training[name] != value
-    ]
-    if changed:
-        logger.warning("resuming with changed flags, which apply from here on: %s", ", ".join(changed))
-
-
-def prepare_output_dir(model_args: ModelArguments, args: TrainingArguments, accelerator: Accelerator) -> Path | None:
-    """`check_output_dir`, then make the folder ready: `--overwrite` clears an old run's outputs, and
-    a resume from an older checkpoint sets the later work aside. Returns the checkpoint to resume."""
-    resume = check_output_dir(model_args, args)
-    out = Path(args.output_dir)
-    if resume is None and args.overwrite and holds_run(out) and accelerator.is_main_process:
-        for name in ("checkpoints", "final", "validation", "logs", "config.json"):
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-    if resume is not None:
-        set_aside_later_work(out, resume, accelerator)
-    return resume
+    try:
+        sampler = state["sampler"]
+        done = sampler["epoch"] + sampler["position"] / math.ceil(sampler["dataset_len"] / sampler["num_replicas"])
+    except (KeyError, TypeError, ZeroDivisionError):
+        return  # damaged: load_checkpoint names it
+    if done > args.num_train_epochs:
+        raise UserError(f"--num_train_epochs {args.num_train_epochs} is below the {done:.2f} epochs of '{checkpoint}'")
 
 
 def check_optimizer_settings(checkpoint: Path, args: TrainingArguments) -> None:
@@ -304,15 +283,15 @@ def check_optimizer_settings(checkpoint: Path, args: TrainingArguments) -> None:
     try:
         with safe_open(checkpoint / OPTIMIZER_FILE, framework="pt") as file:
             group = json.loads(file.metadata()["param_groups"])[0]
-    except (OSError, KeyError, ValueError, SafetensorError):
-        return  # an incomplete checkpoint: load_checkpoint names what is missing
-    saved = {
-        "--learning_rate": group.get("initial_lr", group["lr"]),
-        "--adam_beta1": group["betas"][0],
-        "--adam_beta2": group["betas"][1],
-        "--adam_weight_decay": group["weight_decay"],
-        "--adam_epsilon": group["eps"],
-    }
+        saved = {
+            "--learning_rate": group.get("initial_lr", group["lr"]),
+            "--adam_beta1": group["betas"][0],
+            "--adam_beta2": group["betas"][1],
+            "--adam_weight_decay": group["weight_decay"],
+            "--adam_epsilon": group["eps"],
+        }
+    except (OSError, KeyError, ValueError, TypeError, IndexError, SafetensorError):
+        return  # an incomplete or damaged checkpoint: load_checkpoint names what is wrong
     ours = (args.learning_rate, args.adam_beta1, args.adam_beta2, args.adam_weight_decay, args.adam_epsilon)
     for (flag, value), own in zip(saved.items(), ours):
         if not math.isclose(value, own, rel_tol=1e-9):
@@ -322,31 +301,71 @@ def check_optimizer_settings(checkpoint: Path, args: TrainingArguments) -> None:
             )
 
 
-def checkpoint_step(path: Path) -> int:
-    """The optimizer step a checkpoint folder was saved at (from `checkpoints/step_N`'s name)."""
-    return int(path.name.split("_")[1])
+# Training flags that may change on a resume (where and how long the run goes, how it is batched),
+# and those that must not (the data order and what trains).
+RESUMABLE_FLAGS = frozenset({
+    "output_dir", "resume_from", "overwrite", "max_train_steps", "num_train_epochs", "checkpointing_steps",
+    "checkpoints_total_limit", "validation_steps", "validation_prompts", "report_to", "dataloader_num_workers",
+    "cpu", "max_nonfinite_steps", "max_bad_fraction", "min_rows_before_check", "warn_every_rows", "image_root",
+    "cache_dir", "dataset", "train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing",
+})  # fmt: skip
+FIXED_FLAGS = frozenset({"seed", "max_rows", "lora_rank", "train_adapter", "rollout"})
+
+
+def resumed_differences(checkpoint: Path, model_args: ModelArguments, args: TrainingArguments) -> dict[str, list[str]]:
+    """This run against the `config.json` of the run a checkpoint belongs to, as `--flag value (...)`
+    lines: "refused" (other models, earlier stages or encoder settings, on which the checkpoint's
+    LoRA was trained, or a `FIXED_FLAGS` flag) and "changed" (other training flags, which apply
+    from the resume on). Both empty for a run without that file."""
+    try:
+        saved = json.loads((checkpoint.parent.parent / "config.json").read_text())
+        saved_model, saved_training = dict(saved["model"]), dict(saved["training"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"refused": [], "changed": []}
+    refused = model_args.encoding_differences(saved_model, (*ModelArguments.ENCODING, "adapter", "init_from"))
+    changed = []
+    for name, value in asdict(args).items():
+        if name in RESUMABLE_FLAGS or name not in saved_training or same_setting(saved_training[name], value):
+            continue
+        (refused if name in FIXED_FLAGS else changed).append(f"--{name} {saved_training[name]} (this run: {value})")
+    return {"refused": refused, "changed": changed}
+
+
+def prepare_output_dir(model_args: ModelArguments, args: TrainingArguments, accelerator: Accelerator) -> Path | None:
+    """`check_output_dir`, then make the folder ready (`--overwrite` clears an old run's outputs) and
+    name the training flags a resume changes. Returns the checkpoint to resume."""
+    resume = check_output_dir(model_args, args)
+    out = Path(args.output_dir)
+    if resume is None and args.overwrite and holds_run(out) and accelerator.is_main_process:
+        for name in ("checkpoints", "final", "validation", "logs", "config.json"):
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    if resume is not None and accelerator.is_main_process:
+        changed = resumed_differences(resume, model_args, args)["changed"]
+        if changed:
+            logger.warning("resuming with changed flags, which apply from here on: %s", ", ".join(changed))
+    accelerator.wait_for_everyone()
+    return resume
 
 
 def set_aside_later_work(out: Path, resume: Path, accelerator: Accelerator) -> None:
     """Resuming from a checkpoint older than the run's newest abandons what came after it: the newer
     checkpoints (which `latest` would pick and pruning would keep) and `final/` move, untouched, to
-    `checkpoints/abandoned_K/`, where nothing resumes from or prunes them."""
-    step = saved_step(resume)
-    if step is None:
-        return  # a damaged state file: load_checkpoint names it, and nothing has moved
-    later = [d for d in checkpoint_dirs(str(out)) if checkpoint_step(d) > step]
-    if not later:
-        return  # `final/`, if any, is the newest checkpoint's state, which this run continues
+    `checkpoints/abandoned_K/`, where nothing resumes from or prunes them. Call it once the
+    checkpoint has loaded (a damaged one must not hide the good ones), on every process."""
     if accelerator.is_main_process:
-        index = 0
-        while (out / "checkpoints" / f"abandoned_{index}").exists():
-            index += 1
-        target = out / "checkpoints" / f"abandoned_{index}"
-        target.mkdir()
-        for folder in later + ([out / "final"] if (out / "final").is_dir() else []):
-            os.replace(folder, target / folder.name)
-        logger.warning("resuming from step %d: the run's later checkpoints and final/ are moved to %s", step, target)
-    accelerator.wait_for_everyone()
+        step = (saved_state(resume) or {}).get("global_step", math.inf)
+        later = [d for d in checkpoint_dirs(str(out)) if checkpoint_step(d) > step]
+        if later:  # else `final/`, if any, is the newest checkpoint's state, which this run continues
+            index = 0
+            while (out / "checkpoints" / f"abandoned_{index}").exists():
+                index += 1
+            target = out / "checkpoints" / f"abandoned_{index}"
+            target.mkdir()
+            for folder in later + ([out / "final"] if (out / "final").is_dir() else []):
+                os.replace(folder, target / folder.name)
+            logger.warning("resuming from step %s: the run's later checkpoints and final/ are moved to %s", step, target)
+    accelerator.wait_for_everyone()  # every process, whatever the main one found
 
 
 def trainable_file(index: int) -> str:
@@ -458,12 +477,14 @@ def load_checkpoint(
         with safe_open(path / OPTIMIZER_FILE, framework="pt") as file:
             optimizer_state = unflatten_optimizer_state({key: file.get_tensor(key) for key in file.keys()}, file.metadata())
         saved = json.loads((path / STATE_FILE).read_text())
-        missing = {"lr_scheduler", "sampler", "bad_rows", "global_step"} - saved.keys()
+        expected = {"global_step", "micro_step", "nonfinite_in_a_row", "sampler", "bad_rows", "stateful", "lr_scheduler", "grad_scaler"}
+        missing = expected - saved.keys()
         if missing:
             raise KeyError(f"{STATE_FILE} lacks {sorted(missing)[0]}")
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        found = checkpoint_dirs(str(path.parent.parent)) if path.name.startswith("step_") else []
-        earlier = [d for d in found if checkpoint_step(d) < checkpoint_step(path)]
+        step = checkpoint_step(path)
+        found = checkpoint_dirs(str(path.parent.parent)) if step is not None else []
+        earlier = [d for d in found if checkpoint_step(d) < step]
         hint = f"; resume from an earlier one: --resume_from {earlier[-1]}" if earlier else ""
         raise UserError(f"checkpoint '{path}' is damaged ({error.__class__.__name__}: {error}){hint}") from None
     for index, (module, state) in enumerate(zip(modules, states)):
@@ -600,7 +621,8 @@ def model_card(stage: str, model_args: ModelArguments, args: TrainingArguments, 
         f"on `{args.dataset}`.\n\n"
         f"- base: `{model_args.pretrained_model}`, T5: `{model_args.t5_model}`\n"
         f"- earlier stages fused before training: {init}\n"
-        f"- files: `pytorch_lora_weights.safetensors` (diffusers format), `adapter/` when this stage trained it, "
+        f"- files: `pytorch_lora_weights.safetensors` (diffusers format), `adapter/` (the text adapter this stage "
+        f"was trained with), "
         f"`config.json` (the resolved configuration)\n\n"
         "Sample with it:\n\n"
         f"```bash\npython sample.py --init_from {' '.join(model_args.init_from + [str(Path(args.output_dir) / 'final')])} "
@@ -721,6 +743,7 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
         state.update({k: saved[k] for k in state})
         for name, obj in stateful.items():
             obj.load_state_dict(saved["stateful"][name])
+        set_aside_later_work(Path(args.output_dir), resume, accelerator)
         logger.info("resumed from %s at step %d", resume, state["global_step"])
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -736,6 +759,17 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
     counted = 0
     micro_steps_per_epoch = math.ceil(sampler.num_samples / args.train_batch_size)
     last_update = state["micro_step"]  # the micro-step of the last optimizer step (or of the resume)
+
+    def checkpoint() -> None:
+        """Save `checkpoints/step_N` of the current state (every process calls it)."""
+        full_state = {
+            **state,
+            "sampler": sampler.state_dict(),
+            "bad_rows": monitor.state_dict(),
+            "stateful": {name: _jsonable(obj.state_dict()) for name, obj in stateful.items()},
+        }
+        save_checkpoint(accelerator, args, state["global_step"], prepared_modules, optimizer, lr_scheduler, full_state)
+
     finished = training_done(args, state["global_step"], sampler)
     while not finished:
         for batch in loader:
@@ -799,6 +833,8 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
                 if state["micro_step"] - last_update > micro_steps_per_epoch + args.gradient_accumulation_steps:
                     raise UserError("a whole epoch passed without an optimizer step (no usable rows, or none with finite gradients)")
                 if finished := training_done(args, state["global_step"], sampler):
+                    if state["global_step"]:  # the epochs end on a dropped window: final/ needs its checkpoint
+                        checkpoint()
                     break
                 continue
             last_update = state["micro_step"]
@@ -815,13 +851,7 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
             progress.set_postfix(loss=f"{logged.get('loss', float('nan')):.4f}")
             finished = training_done(args, step, sampler)
             if step % args.checkpointing_steps == 0 or finished:
-                full_state = {
-                    **state,
-                    "sampler": sampler.state_dict(),
-                    "bad_rows": monitor.state_dict(),
-                    "stateful": {name: _jsonable(obj.state_dict()) for name, obj in stateful.items()},
-                }
-                save_checkpoint(accelerator, args, step, prepared_modules, optimizer, lr_scheduler, full_state)
+                checkpoint()
             if args.validation_steps and step % args.validation_steps == 0 and not finished:
                 validate(accelerator, args, parts, stage.validation, step)
             if finished:

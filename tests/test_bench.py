@@ -246,3 +246,8 @@ def test_random_weights_never_overwrite_a_real_model_folder(tmp_path, capsys):
         ensure_models("tiny", tmp_path / "models")
     tiny.write_tiny_models(tmp_path / "ours")
     tiny.write_tiny_models(tmp_path / "ours")  # its own folders: written again
+    bench = tmp_path / "bench"  # bench's own full-size folders, replaced by tiny ones
+    (bench / "sd15" / "unet").mkdir(parents=True)
+    (bench / "sd15" / "unet" / "config.json").write_text("{}")
+    (bench / "bench_models.json").write_text(json.dumps({"size": "sd15"}))
+    assert ensure_models("tiny", bench)["sd15"] == bench / "sd15"

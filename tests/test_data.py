@@ -374,3 +374,5 @@ def test_16_bit_and_float_greyscale_keep_their_tones(tmp_path):
         assert (prepare_image(sixteen, settings) - eight_bit).abs().max() < 0.02
     float_image = Image.fromarray(ramp.astype(np.float32), "F")
     assert (prepare_image(float_image, settings) - eight_bit).abs().max() < 0.02
+    eight_bit_values = Image.fromarray((ramp * 255).round().astype(np.int32), "I")  # mode I, 8-bit range
+    assert (prepare_image(eight_bit_values, settings) - eight_bit).abs().max() < 0.02

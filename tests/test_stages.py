@@ -172,7 +172,6 @@ def test_resume_without_checkpoint_and_bad_init_from(tmp_path, tiny_models, data
     (tmp_path / "runs").mkdir()  # a mistyped NAME: a missing local folder, never a hub repo 'runs/align-nosuch'
     result = run(align_cmd(tiny_models, dataset, tmp_path / "y", 2, "--init_from", "runs/align-nosuch/final"), tmp_path, check=False)
     assert result.returncode == 2 and "no such file or folder 'runs/align-nosuch/final'" in result.stdout
-    assert "hub" not in result.stdout.split("error:")[-1]
     (tmp_path / "cut_off").mkdir()  # a run stopped before its first checkpoint: the advice must not go round
     (tmp_path / "cut_off" / "config.json").write_text("{}")
     result = run(align_cmd(tiny_models, dataset, tmp_path / "cut_off", 2), tmp_path, check=False)

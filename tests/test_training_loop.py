@@ -460,6 +460,13 @@ def test_resuming_an_older_checkpoint_sets_the_later_work_aside(tmp_path, no_fin
     (run / "final").mkdir()  # as write_final leaves it (patched out here)
     (run / "checkpoints" / ".tmp_step_0000006").mkdir()  # a save cut off by a crash
     old_step_4 = (run / "checkpoints" / "step_0000004" / "trainable_0.safetensors").read_bytes()
+    weights_2 = run / "checkpoints" / "step_0000002" / "trainable_0.safetensors"
+    intact = weights_2.read_bytes()
+    weights_2.write_bytes(intact[:40])  # damaged: refused before anything moves, so the good ones stay found
+    with pytest.raises(UserError, match="is damaged"):
+        tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=3, resume_from=str(weights_2.parent))
+    assert [d.name for d in checkpoint_dirs(str(run))] == ["step_0000002", "step_0000004"] and (run / "final").is_dir()
+    weights_2.write_bytes(intact)
     tiny_loop(
         tmp_path, data_and_noise_loss, max_train_steps=3, checkpointing_steps=1, checkpoints_total_limit=1,
         resume_from=str(run / "checkpoints" / "step_0000002"),
@@ -487,6 +494,19 @@ def test_epochs_count_passes_over_the_data(tmp_path, no_final):
     tiny_loop(tmp_path / "b", data_and_noise_loss, max_train_steps=None, num_train_epochs=3)  # 8 rows, batch 2
     state = json.loads((checkpoint_dirs(str(tmp_path / "b" / "run"))[-1] / "training_state.json").read_text())
     assert state["global_step"] == 12 and state["sampler"]["epoch"] == 2 and state["sampler"]["position"] == 8
+    with pytest.raises(UserError, match="--num_train_epochs 2 is below the 3.00 epochs"):  # final/ would hold 3
+        tiny_loop(tmp_path / "b", data_and_noise_loss, max_train_steps=None, num_train_epochs=2, resume_from="latest")
+
+    calls = []
+
+    def nan_on_the_last_window(parts, batch, generator):
+        calls.append(None)
+        return data_and_noise_loss(parts, batch, generator)[0] * (float("nan") if len(calls) == 4 else 1.0), {}
+
+    tiny_loop(tmp_path / "c", nan_on_the_last_window, max_train_steps=None, num_train_epochs=1)  # 4 windows
+    (last,) = checkpoint_dirs(str(tmp_path / "c" / "run"))  # the epoch ended on a dropped window: still saved
+    state = json.loads((last / "training_state.json").read_text())
+    assert state["global_step"] == 3 and state["sampler"]["position"] == 8
 
 
 def test_the_output_folder_is_checked_before_anything_loads(tmp_path, capsys, no_final):
@@ -510,10 +530,11 @@ def test_the_output_folder_is_checked_before_anything_loads(tmp_path, capsys, no
     assert [d.name for d in checkpoint_dirs(str(tmp_path / "a" / "run"))] == ["step_0000001", "step_0000002"]
 
 
-def test_a_resume_on_other_models_is_refused_and_changed_flags_are_named(tmp_path, caplog, no_final):
+def test_a_resume_on_other_models_is_refused_and_changed_flags_are_named(tmp_path, no_final):
     """The checkpoint's LoRA was trained on its run's models and earlier stages: resuming it on other
-    ones is refused. Other training flags apply from the resume on, and a warning names them."""
-    from longalign.training import check_resumed_settings
+    ones, or with another data order or LoRA rank, is refused. Other training flags apply from the
+    resume on, and a warning names them."""
+    from longalign.training import resumed_differences
 
     tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=2, checkpointing_steps=2)
     (checkpoint,) = checkpoint_dirs(str(tmp_path / "run"))
@@ -521,13 +542,13 @@ def test_a_resume_on_other_models_is_refused_and_changed_flags_are_named(tmp_pat
         "train_batch_size": 2, "gradient_accumulation_steps": 1, "mixed_precision": "no", "report_to": "none",
         "dataloader_num_workers": 0, "cpu": True, "max_nonfinite_steps": 5,
     })  # fmt: skip
-    with pytest.raises(UserError, match="was trained with --init_from \\[\\] \\(this run: \\['runs/lcm-x/final'\\]\\)"):
-        check_resumed_settings(checkpoint, ModelArguments(init_from=["runs/lcm-x/final"]), args)
-    with pytest.raises(UserError, match="was trained with --token_length 240"):
-        check_resumed_settings(checkpoint, ModelArguments(token_length=120), args)
-    with caplog.at_level(logging.WARNING, logger="longalign.training"):
-        check_resumed_settings(checkpoint, ModelArguments(), args)
-        assert "changed flags" not in caplog.text  # the same settings, only a longer run
-        args.caption_dropout = 0.2
-        check_resumed_settings(checkpoint, ModelArguments(), args)
-    assert "resuming with changed flags, which apply from here on: --caption_dropout 0.2 (was 0.1)" in caplog.text
+    refused = resumed_differences(checkpoint, ModelArguments(init_from=["runs/lcm-x/final"]), args)["refused"]
+    assert refused == ["--init_from [] (this run: ['runs/lcm-x/final'])"]
+    assert resumed_differences(checkpoint, ModelArguments(token_length=120), args)["refused"][0].startswith("--token_length 240")
+    assert resumed_differences(checkpoint, ModelArguments(), args) == {"refused": [], "changed": []}  # only a longer run
+    args.caption_dropout, args.seed = 0.2, 1
+    assert resumed_differences(checkpoint, ModelArguments(), args) == {
+        "refused": ["--seed 0 (this run: 1)"], "changed": ["--caption_dropout 0.1 (this run: 0.2)"],
+    }  # fmt: skip
+    with pytest.raises(UserError, match="was trained with --seed 0 \\(this run: 1\\)"):
+        tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=4, resume_from="latest", seed=1)
