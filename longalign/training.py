@@ -14,6 +14,7 @@ an uninterrupted one would have done.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -313,12 +314,13 @@ FIXED_FLAGS = frozenset({"seed", "max_rows", "lora_rank", "train_adapter", "roll
 
 
 def resumed_differences(checkpoint: Path, model_args: ModelArguments, args: TrainingArguments) -> dict[str, list[str]]:
-    """This run against the `config.json` of the run a checkpoint belongs to, as `--flag value (...)`
+    """This run against the checkpoint's `config.json` (else its run's), as `--flag value (...)`
     lines: "refused" (other models, earlier stages or encoder settings, on which the checkpoint's
     LoRA was trained, or a `FIXED_FLAGS` flag) and "changed" (other training flags, which apply
-    from the resume on). Both empty for a run without that file."""
+    from the resume on). Both empty without such a file."""
+    own = checkpoint / "config.json"
     try:
-        saved = json.loads((checkpoint.parent.parent / "config.json").read_text())
+        saved = json.loads((own if own.exists() else checkpoint.parent.parent / "config.json").read_text())
         saved_model, saved_training = dict(saved["model"]), dict(saved["training"])
     except (OSError, ValueError, KeyError, TypeError):
         return {"refused": [], "changed": []}
@@ -416,13 +418,16 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     state: dict[str, Any],
+    stage_files: Callable[[Path], None] | None = None,
 ) -> None:
     """Write `checkpoints/step_N` atomically, in safetensors and JSON only (no pickles).
 
     Files: `trainable_{i}.safetensors` (the trainable tensors of `modules[i]`; the frozen base is
     reloaded from the model folders, so a checkpoint stays small), `optimizer.safetensors`
-    (`flatten_optimizer_state`) and `training_state.json` (`state` plus the LR scheduler's and,
-    with fp16, the grad scaler's state). No RNG state is needed: every micro-step reseeds from
+    (`flatten_optimizer_state`), `training_state.json` (`state` plus the LR scheduler's and,
+    with fp16, the grad scaler's state) and what `stage_files(folder)` writes (the loop: the
+    stage folder files of `write_stage_files`, so a checkpoint samples and feeds the next stage as
+    `final/` does). No RNG state is needed: every micro-step reseeds from
     `step_seed`. DDP ranks hold identical weights and optimizer state, so the main process writes
     everything into a temporary folder and renames it; a crash mid-save leaves only the temporary
     folder, which `checkpoint_dirs` ignores. Old checkpoints beyond the limit are pruned.
@@ -437,6 +442,8 @@ def save_checkpoint(
             save_file(trainable_state(accelerator.unwrap_model(module)), temporary / trainable_file(index))
         tensors, metadata = flatten_optimizer_state(optimizer.state_dict())
         save_file(tensors, temporary / OPTIMIZER_FILE, metadata=metadata)
+        if stage_files is not None:
+            stage_files(temporary)
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         full_state = {**state, "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": scaler}
         (temporary / STATE_FILE).write_text(json.dumps(full_state, indent=2))  # written last: marks it complete
@@ -574,29 +581,37 @@ def write_final(
     step: int,
     sampler: str = "unipc",
 ) -> Path:
-    """`final/`: diffusers-format LoRA, `adapter/`, `config.json` and a model card whose sampling
-    command uses `sampler` (the stage's validation sampler: lcm for LCM stages).
+    """`final/`: the stage folder files (`write_stage_files`) and a model card whose sampling
+    command uses `sampler` (the stage's validation sampler: lcm for LCM stages)."""
+    final = Path(args.output_dir) / "final"
+    if accelerator.is_main_process:
+        final.mkdir(parents=True, exist_ok=True)
+        write_stage_files(accelerator, args, model_args, parts, stage, final)
+        (final / "README.md").write_text(model_card(stage, model_args, args, step, sampler))
+    accelerator.wait_for_everyone()
+    return final
+
+
+def write_stage_files(
+    accelerator: Accelerator, args: TrainingArguments, model_args: ModelArguments, parts: StageParts, stage: str, folder: Path
+) -> None:
+    """What makes `folder` a stage folder (for `sample.py --init_from` and the next stage): the
+    diffusers-format LoRA, `adapter/` and `config.json` (with `adapter_source`). Main process only.
 
     `adapter/` is the adapter this stage was trained with: the trained one, or a byte copy of the
     frozen one it loaded, so a stage folder names its own conditioning and `--init_from ... final`
     (the model card's command, the next stage) picks the right adapter.
     """
-    final = Path(args.output_dir) / "final"
-    if accelerator.is_main_process:
-        final.mkdir(parents=True, exist_ok=True)
-        save_lora(accelerator.unwrap_model(parts.unet), final, stage)
-        adapter = parts.encoder.adapter
-        if adapter is not None and any(p.requires_grad for p in adapter.parameters()):
-            accelerator.unwrap_model(adapter).save_pretrained(final / "adapter")
-        elif adapter is not None and parts.adapter_source is not None:
-            shutil.rmtree(final / "adapter", ignore_errors=True)
-            shutil.copytree(parts.adapter_source, final / "adapter")
-        config = resolved_config(stage, model_args, args, accelerator)
-        config["adapter_source"] = parts.adapter_source
-        (final / "config.json").write_text(json.dumps(config, indent=2))
-        (final / "README.md").write_text(model_card(stage, model_args, args, step, sampler))
-    accelerator.wait_for_everyone()
-    return final
+    save_lora(accelerator.unwrap_model(parts.unet), folder, stage)
+    adapter = parts.encoder.adapter
+    if adapter is not None and any(p.requires_grad for p in adapter.parameters()):
+        accelerator.unwrap_model(adapter).save_pretrained(folder / "adapter")
+    elif adapter is not None and parts.adapter_source is not None:
+        shutil.rmtree(folder / "adapter", ignore_errors=True)
+        shutil.copytree(parts.adapter_source, folder / "adapter")
+    config = resolved_config(stage, model_args, args, accelerator)
+    config["adapter_source"] = parts.adapter_source
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def resolved_config(stage: str, model_args: ModelArguments, args: TrainingArguments, accelerator: Accelerator) -> dict:
@@ -768,7 +783,8 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
             "bad_rows": monitor.state_dict(),
             "stateful": {name: _jsonable(obj.state_dict()) for name, obj in stateful.items()},
         }
-        save_checkpoint(accelerator, args, state["global_step"], prepared_modules, optimizer, lr_scheduler, full_state)
+        stage_files = functools.partial(write_stage_files, accelerator, args, model_args, parts, stage.name)
+        save_checkpoint(accelerator, args, state["global_step"], prepared_modules, optimizer, lr_scheduler, full_state, stage_files)
 
     finished = training_done(args, state["global_step"], sampler)
     while not finished:

@@ -37,6 +37,7 @@ def main(out: str, max_bad_fraction: float = 0.9, min_rows_before_check: float =
         return parts.unet(inputs).pow(2).mean() * rows_everywhere / rows_everywhere, {}
 
     training.write_final = lambda *args: None  # a bare nn.Linear has no LoRA for final/; the loop is the subject
+    training.write_stage_files = lambda *args: None  # (nor for a checkpoint's stage files)
     stage = training.Stage("uneven", parts, {"unet": parts.unet}, loss_fn)
     training.run_training(ModelArguments(), args, accelerator, stage, CaptionDataset(table, DataSettings(dataset="unused.jsonl")))
     unet = accelerator.unwrap_model(stage.parts.unet)

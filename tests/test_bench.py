@@ -172,26 +172,22 @@ def test_align_ablations_take_effect_and_are_undone(tiny_models):
 def test_no_autocast_ablation_unwraps_accelerates_forward(tiny_models):
     """Under the ablation the prepared UNet runs in its own dtype; after it, accelerate's autocast again."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(tiny_models["sd15"], subfolder="unet").to(torch.bfloat16)
     config = unet.config
     sample = torch.randn(1, config.in_channels, 8, 8, dtype=torch.bfloat16)
     context = torch.randn(1, 77, config.cross_attention_dim, dtype=torch.bfloat16)
-    try:
-        unet = Accelerator(cpu=True, mixed_precision="bf16").prepare(unet)
+    unet = Accelerator(cpu=True, mixed_precision="bf16").prepare(unet)  # (conftest: a fresh accelerate state)
 
-        def output_dtype() -> torch.dtype:
-            with torch.no_grad():
-                return unet(sample, 1, encoder_hidden_states=context).sample.dtype
+    def output_dtype() -> torch.dtype:
+        with torch.no_grad():
+            return unet(sample, 1, encoder_hidden_states=context).sample.dtype
 
-        assert output_dtype() == torch.float32  # accelerate's wrapper: autocast, outputs to fp32
-        with align_ablation(unet, "no_autocast"):
-            assert output_dtype() == torch.bfloat16
-        assert output_dtype() == torch.float32
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    assert output_dtype() == torch.float32  # accelerate's wrapper: autocast, outputs to fp32
+    with align_ablation(unet, "no_autocast"):
+        assert output_dtype() == torch.bfloat16
+    assert output_dtype() == torch.float32
 
 
 @pytest.mark.parametrize(

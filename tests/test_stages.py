@@ -77,7 +77,12 @@ def test_chain_writes_final_artifacts(chain):
         aligned = cwd / "runs" / "align-tiny" / "final" / "adapter" / "diffusion_pytorch_model.safetensors"
         assert adapter.read_bytes() == aligned.read_bytes(), stage  # later stages: a copy of align's
         assert (cwd / "runs" / f"{stage}-tiny" / "validation" / "step_0000002.png").exists()
-        assert [d.name for d in checkpoint_dirs(cwd / "runs" / f"{stage}-tiny")] == ["step_0000002"]
+        (checkpoint,) = checkpoint_dirs(cwd / "runs" / f"{stage}-tiny")
+        assert checkpoint.name == "step_0000002"
+        for name in ("pytorch_lora_weights.safetensors", "adapter/diffusion_pytorch_model.safetensors"):
+            saved, last = load_file(checkpoint / name), load_file(final / name)  # a stage folder too
+            assert saved.keys() == last.keys() and all(torch.equal(saved[k], last[k]) for k in saved), (stage, name)
+        assert json.loads((checkpoint / "config.json").read_text())["stage"] == stage
     lcm_config = json.loads((cwd / "runs" / "lcm-tiny" / "final" / "config.json").read_text())
     assert lcm_config["model"]["init_from"] == ["runs/align-tiny/final"]
     assert lcm_config["adapter_source"] == "runs/align-tiny/final/adapter"
@@ -94,13 +99,17 @@ def test_trained_adapter_differs_from_initial(chain, tiny_models):
 
 
 @pytest.mark.parametrize(
-    "sampler, stages",
-    [("unipc", ["align", "reward"]), ("lcm", ["align", "lcm", "reward_lcm"])],
+    "sampler, folders",
+    [
+        ("unipc", ["align-tiny/final", "reward-tiny/checkpoints/step_0000002"]),
+        ("lcm", ["align-tiny/final", "lcm-tiny/final", "reward_lcm-tiny/final"]),
+    ],
 )
-def test_stage_outputs_load_in_sample(chain, tiny_models, sampler, stages):
+def test_stage_outputs_load_in_sample(chain, tiny_models, sampler, folders):
+    """Stage folders: `final/`, or a checkpoint (a reward step picked by its validation grid)."""
     cwd, _ = chain
     out = cwd / f"samples-{sampler}"
-    init_from = [str(cwd / "runs" / f"{stage}-tiny" / "final") for stage in stages]
+    init_from = [str(cwd / "runs" / folder) for folder in folders]
     run(
         [
             sys.executable, str(ROOT / "sample.py"), "--pretrained_model", str(tiny_models["sd15"]),
@@ -111,7 +120,7 @@ def test_stage_outputs_load_in_sample(chain, tiny_models, sampler, stages):
         cwd,
     )  # fmt: skip
     sidecar = json.loads((out / "0000_00.json").read_text())
-    assert sidecar["checkpoints"]["adapter"].endswith(f"{stages[-1]}-tiny/final/adapter")
+    assert sidecar["checkpoints"]["adapter"] == os.path.join(init_from[-1], "adapter")
     assert sidecar["checkpoints"]["init_from"] == init_from
     assert (out / "0000_00.png").exists()
 

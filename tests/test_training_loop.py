@@ -56,8 +56,10 @@ def tiny_loop(tmp_path, loss_fn, max_nonfinite_steps=5, module=None, table=None,
 
 @pytest.fixture
 def no_final(monkeypatch):
-    """These loops train a bare nn.Linear, which has no LoRA for `final/`; checkpoints are the subject."""
+    """These loops train a bare nn.Linear, which has no LoRA for `final/` or a checkpoint's stage
+    files; the checkpoints' own state is the subject."""
     monkeypatch.setattr("longalign.training.write_final", lambda *args: None)
+    monkeypatch.setattr("longalign.training.write_stage_files", lambda *args: None)
 
 
 def data_and_noise_loss(parts, batch, generator):
@@ -323,8 +325,6 @@ def test_what_trains_is_in_train_mode_for_the_loss_and_in_eval_mode_for_validati
 def test_a_trained_adapter_starts_from_the_files_fp32_weights_under_bf16(tmp_path, tiny_models):
     """Under bf16 mixed precision the frozen encoders load in bf16, but the adapter that align trains
     loads in fp32: cast to bf16 first, it would start from rounded weights (METHOD.md §2)."""
-    from accelerate.state import AcceleratorState
-
     import train_align
     from longalign.adapter import TextAdapter
 
@@ -335,11 +335,7 @@ def test_a_trained_adapter_starts_from_the_files_fp32_weights_under_bf16(tmp_pat
         output_dir=str(tmp_path / "run"), dataset="unused.jsonl", mixed_precision="bf16", report_to="none", cpu=True,
         validation_prompts=[],
     )  # fmt: skip
-    AcceleratorState._reset_state(reset_partial_state=True)  # earlier tests made one without mixed precision
-    try:
-        encoder = train_align.build_stage(model_args, args, make_accelerator(args)).parts.encoder
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    encoder = train_align.build_stage(model_args, args, make_accelerator(args)).parts.encoder  # (conftest: a fresh state)
     reference = dict(TextAdapter.from_pretrained(tiny_models["adapter"]).named_parameters())
     trained = dict(encoder.adapter.named_parameters())
     assert trained.keys() == reference.keys()
