@@ -587,6 +587,18 @@ class ResumableSampler(Sampler[int]):
             return self.dataset_len // self.num_replicas
         return math.ceil(self.dataset_len / self.num_replicas)
 
+    @property
+    def epochs_consumed(self) -> float:
+        """Passes over the data consumed so far: epoch + position / num_samples."""
+        return self.epoch + self.position / self.num_samples
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "ResumableSampler":
+        """The sampler a `state_dict()` describes (its dataset size, seed and processes), at its position."""
+        sampler = cls(state["dataset_len"], state["seed"], state["shuffle"], state["num_replicas"], 0, state["drop_last"])
+        sampler.load_state_dict(state)
+        return sampler
+
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """This rank's full index order for `epoch`: (num_samples,) int64."""
         if self.shuffle:

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .loading import UserError, fetch_file, resolve_source, split_hub_path
+from .loading import UserError, check_folder_path, fetch_file, resolve_source, split_hub_path
 
 LORA_TARGET_CLASSES = ("ResnetBlock2D", "Attention", "GEGLU")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -260,8 +260,7 @@ def write_lora(weights: LoraWeights, folder: str | os.PathLike) -> Path:
     """
     from diffusers import StableDiffusionPipeline
 
-    if os.path.isfile(folder):  # diffusers would log an error and write nothing
-        raise UserError(f"'{folder}' is a file, not a folder to write {LORA_WEIGHT_NAME} into")
+    check_folder_path(str(folder), "LoRA output folder")  # a file: diffusers would log an error and write nothing
     StableDiffusionPipeline.save_lora_weights(
         str(folder),
         unet_lora_layers=weights.state_dict,

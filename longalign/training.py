@@ -269,9 +269,8 @@ def check_training_length(checkpoint: Path, args: TrainingArguments) -> None:
             raise UserError(f"--max_train_steps {args.max_train_steps} is below the step of '{checkpoint}' ({step})")
         return
     try:
-        sampler = state["sampler"]
-        done = sampler["epoch"] + sampler["position"] / math.ceil(sampler["dataset_len"] / sampler["num_replicas"])
-    except (KeyError, TypeError, ZeroDivisionError):
+        done = ResumableSampler.from_state(state["sampler"]).epochs_consumed
+    except (KeyError, TypeError, ValueError, UserError):
         return  # damaged: load_checkpoint names it
     if done > args.num_train_epochs:
         raise UserError(f"--num_train_epochs {args.num_train_epochs} is below the {done:.2f} epochs of '{checkpoint}'")
@@ -722,7 +721,7 @@ def training_done(args: TrainingArguments, global_step: int, sampler: ResumableS
     """
     if args.max_train_steps is not None:
         return global_step >= args.max_train_steps
-    return sampler.epoch + sampler.position / sampler.num_samples >= args.num_train_epochs
+    return sampler.epochs_consumed >= args.num_train_epochs
 
 
 def expected_steps(args: TrainingArguments, global_step: int, sampler: ResumableSampler) -> int:
