@@ -25,8 +25,7 @@ case "$stage" in
   align)      script=train_align.py;  chain=() ;;
   lcm)        script=train_lcm.py;    chain=(--init_from "runs/align-$name/final") ;;
   reward)     script=train_reward.py; chain=(--init_from "runs/align-$name/final" --rollout ddim_cfg) ;;
-  reward_lcm) script=train_reward.py; chain=(--init_from "runs/align-$name/final" "runs/lcm-$name/final"
-                                             --rollout lcm --gradient_accumulation_steps 2) ;;
+  reward_lcm) script=train_reward.py; chain=(--init_from "runs/align-$name/final" "runs/lcm-$name/final" --rollout lcm) ;;
   *) echo "unknown stage '$stage'" >&2; usage ;;
 esac
 

@@ -41,8 +41,11 @@ logger = logging.getLogger(__name__)
 STAGES = {"ddim_cfg": "reward", "lcm": "reward_lcm"}
 
 
-def reward_loss(parts: StageParts, batch: dict, generator: torch.Generator, args: RewardArguments, reward: DecomposedReward):
-    """Roll out from noise, decode, score: loss = 0.5 (1 - mean x . (t - (1 - w) eta V)).
+def reward_loss(
+    parts: StageParts, batch: dict, generator: torch.Generator, args: RewardArguments, reward: DecomposedReward,
+    settings: RolloutSettings,
+):  # fmt: skip
+    """Roll out from noise, decode, score: loss = 0.5 (1 - mean x . (t - (1 - w) eta V)) (paper §4).
 
     captions (B) -> contexts (B, 480, 768) -> latents x0 (B, 4, R/8, R/8) -> images (B, 3, R, R) in [0, 1].
     """
@@ -53,7 +56,7 @@ def reward_loss(parts: StageParts, batch: dict, generator: torch.Generator, args
     rollout = get_rollout(args.rollout)(
         parts.unet, context, uncond, parts.noise_scheduler,
         latent_shape=(vae.config.latent_channels, latent_size, latent_size),
-        generator=generator, settings=parts.extra["rollout_settings"],
+        generator=generator, settings=settings,
     )
     images = vae.decode(rollout.x0.to(vae.dtype) / vae.config.scaling_factor).sample  # (B, 3, R, R) in ~[-1, 1]
     images = ((images.float() + 1) / 2).clamp(0, 1)
@@ -64,9 +67,8 @@ def build_stage(model_args: ModelArguments, args: RewardArguments, accelerator) 
     """The fused UNet with a new LoRA (`reward` or `reward_lcm`, by `--rollout`) and the scorer."""
     name = STAGES[args.rollout]
     parts = load_stage_parts(model_args, args, accelerator, lora_name=name)
-    parts.extra["rollout_settings"] = RolloutSettings(guidance_scale=args.guidance_scale, gradient_checkpointing=True)
     reward = DecomposedReward(args, accelerator, device=accelerator.device, dtype=parts.weight_dtype, segmenter=model_args.segmenter)
-    loss_fn = functools.partial(reward_loss, args=args, reward=reward)
+    loss_fn = functools.partial(reward_loss, args=args, reward=reward, settings=args.rollout_settings())
     validation = ValidationSettings(sampler="unipc" if args.rollout == "ddim_cfg" else "lcm")
     return Stage(name, parts, {"unet": parts.unet}, loss_fn, validation, stateful={"common_direction": reward.direction})
 
@@ -75,7 +77,6 @@ def build_stage(model_args: ModelArguments, args: RewardArguments, accelerator) 
 def main(argv: list[str] | None = None) -> None:
     model_args, args = parse_stage_arguments(RewardArguments, argv)
     check_output_dir(model_args, args)  # a used --output_dir fails before any model loads
-    get_rollout(args.rollout)  # a bad --rollout fails before any model loads
     if args.rollout == "lcm" and lacks_lcm_stage(model_args.init_from):
         logger.warning("--rollout lcm: none of the --init_from stages is an lcm stage; the 4-step rollout will be blurred")
     dataset = CaptionDataset(load_caption_table(args, with_images=False), args)

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .data import DataSettings
+from .diffusion import RolloutSettings, get_loss, get_rollout
 from .loading import UserError
 from .reward import RewardConfig
-from .text_encoding import SD15, T5_LARGE
+from .text_encoding import SD15, T5_LARGE, check_encoder_mode, checked_token_length, get_segmenter
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ class ModelArguments:
     ENCODING = ("pretrained_model", "t5_model", "encoder_mode", "segmenter", "token_length")
 
     def __post_init__(self) -> None:
+        check_encoder_mode(self.encoder_mode)  # a typo fails here, not after the UNet has loaded
+        get_segmenter(self.segmenter)
+        checked_token_length(self.token_length)
         seen = set()
         for source in self.init_from:
             key = os.path.realpath(source) if os.path.exists(source) else source
@@ -123,7 +127,7 @@ class TrainingArguments(DataSettings):
     )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing run in --output_dir"})
     mixed_precision: str = field(default="bf16", metadata={"help": "no, fp16 or bf16 (frozen weights in this dtype, LoRA in fp32)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute UNet activations in backward (less memory)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute UNet activations in backward (less memory; align, lcm: the reward stages checkpoint their rollout's gradient steps)"})
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb or none"})
     seed: int = field(default=0, metadata={"help": "seed of LoRA init, noise, timesteps, dropout and data order"})
     validation_steps: int = field(default=500, metadata={"help": "generate validation images every N optimizer steps (0: only at the end)"})
@@ -185,8 +189,7 @@ class AlignArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.loss not in ("mse", "pseudo_huber"):
-            raise UserError(f"--loss must be mse or pseudo_huber (got {self.loss})")
+        get_loss(self.loss)  # a UserError naming the losses
         if not 0 <= self.caption_dropout < 1:
             raise UserError(f"--caption_dropout must be in [0, 1) (got {self.caption_dropout})")
         check_positive({"--huber_c": self.huber_c})
@@ -216,16 +219,44 @@ class RewardArguments(TrainingArguments, RewardConfig):
     """
 
     train_batch_size: int = field(default=8, metadata={"help": "batch size per process"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step (reward_lcm: 2)"})
+    gradient_accumulation_steps: int | None = field(
+        default=None, metadata={"help": "micro-batches per optimizer step (default: 1 for reward, 2 for reward_lcm)"}
+    )
     num_train_epochs: int = field(default=1, metadata={"help": "epochs, unless --max_train_steps is given"})
     rollout: str = field(default="ddim_cfg", metadata={"help": "ddim_cfg (stage reward) or lcm (stage reward_lcm)"})
-    guidance_scale: float = field(default=7.5, metadata={"help": "CFG scale of the ddim_cfg rollout"})
+    guidance_scale: float = field(default=RolloutSettings.guidance_scale, metadata={"help": "CFG scale of the ddim_cfg rollout"})
+    rollout_steps: int = field(
+        default=RolloutSettings.rollout_steps, metadata={"help": "ddim_cfg: DDIM steps of the rollout (a divisor of 1000)"}
+    )
+    grad_steps: int = field(default=RolloutSettings.grad_steps, metadata={"help": "ddim_cfg: rollout steps whose UNet call carries gradient"})
+    grad_stride: int = field(
+        default=RolloutSettings.grad_stride, metadata={"help": "ddim_cfg: gradient at steps r, r + stride, ... (r uniform in 0..stride-1)"}
+    )
 
     def __post_init__(self) -> None:
+        get_rollout(self.rollout)  # a bad --rollout fails before any model loads
+        if self.gradient_accumulation_steps is None:  # the released launcher's: reward 8 x 1, reward_lcm 8 x 2
+            self.gradient_accumulation_steps = 2 if self.rollout == "lcm" else 1
         TrainingArguments.__post_init__(self)
         RewardConfig.__post_init__(self)  # not reached through super(): DataSettings ends that chain
-        if self.rollout == "lcm" and self.guidance_scale != RewardArguments.guidance_scale:
-            logger.warning("--guidance_scale has no effect with --rollout lcm: the LCM rollout runs without CFG")
+        if self.gradient_checkpointing:
+            raise UserError(
+                "--gradient_checkpointing: the reward rollout already checkpoints each UNet call that carries "
+                "gradient; checkpointing the UNet inside it as well would recompute each forward twice"
+            )
+        if self.rollout == "lcm":
+            given = [f"--{name}" for name in ("guidance_scale", "rollout_steps", "grad_steps", "grad_stride")
+                     if getattr(self, name) != getattr(RewardArguments, name)]  # fmt: skip
+            if given:
+                logger.warning("%s: no effect with --rollout lcm (4 LCM steps, all with gradient, no CFG)", ", ".join(given))
+        self.rollout_settings()  # grad steps that do not fit the rollout fail here
+
+    def rollout_settings(self) -> RolloutSettings:
+        """The differentiable rollout's settings from these flags (the released recipe by default)."""
+        return RolloutSettings(
+            rollout_steps=self.rollout_steps, guidance_scale=self.guidance_scale,
+            grad_steps=self.grad_steps, grad_stride=self.grad_stride,
+        )  # fmt: skip
 
 
 def parse_flags(dataclass_types: Sequence[type], argv: list[str] | None = None) -> tuple[Any, ...]:

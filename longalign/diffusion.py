@@ -35,10 +35,17 @@ LCM_TIMESTEP_SCHEMES = ("released", "ddim_grid")
 
 
 def _alpha(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
-    """alpha_bar at `timesteps` (t < 0 -> alphas_cumprod[0]) as float32 (B, 1, ..., 1) on like's device."""
+    """alpha_bar at `timesteps` (t < 0 -> alphas_cumprod[0]) as float32 (B, 1, ..., 1) on like's device.
+
+    An int timestep indexes the table directly (no host-to-device copy: the rollouts call this
+    about 200 times a step), so a table already on like's device costs no copy at all.
+    """
     table = alphas_cumprod.to(device=like.device, dtype=torch.float32)
-    t = torch.as_tensor(timesteps, device=like.device, dtype=torch.long).reshape(-1)
-    alpha = table[t.clamp(min=0)]
+    if isinstance(timesteps, int):
+        alpha = table[max(timesteps, 0)].reshape(1)
+    else:
+        t = torch.as_tensor(timesteps, device=like.device, dtype=torch.long).reshape(-1)
+        alpha = table[t.clamp(min=0)]
     if alpha.shape[0] == 1 and like.shape[0] != 1:
         alpha = alpha.expand(like.shape[0])
     return alpha.reshape(-1, *([1] * (like.ndim - 1)))
@@ -95,17 +102,6 @@ def predict_x0(
 ) -> torch.Tensor:
     """The x0 (clean latent) prediction of `predict_x0_and_eps`; (B, C, h, w) float32."""
     return predict_x0_and_eps(model_output, latents, timesteps, alphas_cumprod, prediction_type)[0]
-
-
-def predict_eps(
-    model_output: torch.Tensor,
-    latents: torch.Tensor,
-    timesteps: torch.Tensor | int,
-    alphas_cumprod: torch.Tensor,
-    prediction_type: str = "epsilon",
-) -> torch.Tensor:
-    """The eps (noise) prediction of `predict_x0_and_eps`; (B, C, h, w) float32."""
-    return predict_x0_and_eps(model_output, latents, timesteps, alphas_cumprod, prediction_type)[1]
 
 
 def ddim_step(
@@ -279,7 +275,7 @@ def get_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
 class RolloutSettings:
     """Options of the differentiable rollouts; defaults are the released recipe (METHOD.md §5)."""
 
-    num_inference_steps: int = field(
+    rollout_steps: int = field(
         default=50, metadata={"help": "ddim_cfg: DDIM steps over the 1000 training steps (grid 999, 979, ..., 19)."}
     )
     guidance_scale: float = field(default=7.5, metadata={"help": "ddim_cfg: classifier-free guidance scale w."})
@@ -300,17 +296,20 @@ class RolloutSettings:
             "(False); at t >= 249 the two differ by < 1e-7 relative."
         },
     )
-    gradient_checkpointing: bool = field(
+    checkpoint_grad_steps: bool = field(
         default=True, metadata={"help": "Checkpoint every UNet call that carries gradient (use_reentrant=False)."}
     )
 
     def __post_init__(self) -> None:
+        # Named as the reward stages' flags. 1000: SD1.5's training steps (the rollout checks the scheduler's).
+        if self.rollout_steps < 1 or 1000 % self.rollout_steps:
+            raise UserError(f"--rollout_steps must divide the 1000 training timesteps (got {self.rollout_steps})")
         if self.grad_steps < 1 or self.grad_stride < 1:
-            raise UserError(f"grad_steps ({self.grad_steps}) and grad_stride ({self.grad_stride}) must be >= 1")
-        if self.grad_steps * self.grad_stride > self.num_inference_steps:
+            raise UserError(f"--grad_steps ({self.grad_steps}) and --grad_stride ({self.grad_stride}) must be >= 1")
+        if self.grad_steps * self.grad_stride > self.rollout_steps:
             raise UserError(
-                f"grad_steps * grad_stride = {self.grad_steps * self.grad_stride} exceeds num_inference_steps="
-                f"{self.num_inference_steps}; the last grad step r + stride*(grad_steps-1) must stay in the rollout"
+                f"--grad_steps x --grad_stride = {self.grad_steps * self.grad_stride} exceeds --rollout_steps "
+                f"{self.rollout_steps}: the last step with gradient, r + stride (grad_steps - 1), must be in the rollout"
             )
         steps = list(self.lcm_timesteps)
         if not steps or any(b >= a for a, b in zip(steps, steps[1:])) or steps[-1] < 0:
@@ -390,8 +389,8 @@ def ddim_cfg_rollout(
     """
     settings = settings or RolloutSettings()
     alphas_cumprod, prediction_type, num_train_timesteps = _schedule(noise_scheduler)
-    timesteps = ddim_timesteps(settings.num_inference_steps, num_train_timesteps)
-    stride = num_train_timesteps // settings.num_inference_steps
+    timesteps = ddim_timesteps(settings.rollout_steps, num_train_timesteps)
+    stride = num_train_timesteps // settings.rollout_steps
     use_cfg = settings.guidance_scale != 1.0
     if use_cfg:
         if uncond_encoder_hidden_states is None or uncond_encoder_hidden_states.shape != encoder_hidden_states.shape:
@@ -416,7 +415,7 @@ def ddim_cfg_rollout(
     for index, t in enumerate(timesteps):
         unet_input = torch.cat([latents, latents]) if use_cfg else latents  # (2B, C, h, w) with CFG
         model_output = _call_unet(
-            unet, unet_input, t, context, index in grad_indices, settings.gradient_checkpointing
+            unet, unet_input, t, context, index in grad_indices, settings.checkpoint_grad_steps
         )
         x0_both, eps_both = predict_x0_and_eps(
             model_output, unet_input, t, alphas_cumprod, prediction_type
@@ -460,7 +459,7 @@ def lcm_rollout(
     latents = _initial_noise(generator, batch_size, latent_shape, device)
     x0 = latents
     for index, t in enumerate(timesteps):
-        model_output = _call_unet(unet, latents, t, encoder_hidden_states, True, settings.gradient_checkpointing)
+        model_output = _call_unet(unet, latents, t, encoder_hidden_states, True, settings.checkpoint_grad_steps)
         x0 = predict_x0(model_output, latents, t, alphas_cumprod, prediction_type)
         if settings.lcm_boundary_scalings:
             x0 = lcm_output(x0, latents, t)

@@ -167,6 +167,12 @@ def checked_token_length(token_length: int) -> int:
     return token_length
 
 
+def check_encoder_mode(mode: str) -> None:
+    """A `UserError` naming the choices unless `mode` is one of `ENCODER_MODES`."""
+    if mode not in ENCODER_MODES:
+        raise UserError(f"unknown encoder mode '{mode}'; choose one of: {', '.join(ENCODER_MODES)}")
+
+
 def check_tokenizer(tokenizer, where: str) -> None:
     """Refuse a tokenizer that loaded without its vocabulary (some classes load empty silently)."""
     if len(tokenizer) < 10:
@@ -190,7 +196,6 @@ class SegmentCLIPEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.token_length = checked_token_length(token_length)
-        self.segmenter_name = segmenter
         self.segmenter = get_segmenter(segmenter)
         self.window = context_window(tokenizer, text_encoder)
         specials = tokenizer("", add_special_tokens=True)["input_ids"]
@@ -361,8 +366,7 @@ class LongPromptEncoder(nn.Module):
         mode: str = "clip+t5",
     ):
         super().__init__()
-        if mode not in ENCODER_MODES:
-            raise UserError(f"unknown encoder mode '{mode}'; choose one of: {', '.join(ENCODER_MODES)}")
+        check_encoder_mode(mode)
         needs_t5 = mode != "clip"
         if (mode != "t5" and clip is None) or (needs_t5 and (t5 is None or adapter is None)):
             raise UserError(f"encoder mode '{mode}' needs {'CLIP, ' if mode != 't5' else ''}T5 and the adapter")
@@ -445,8 +449,7 @@ class LongPromptEncoder(nn.Module):
         """
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-        if mode not in ENCODER_MODES:
-            raise UserError(f"unknown encoder mode '{mode}'; choose one of: {', '.join(ENCODER_MODES)}")
+        check_encoder_mode(mode)
         clip = t5 = text_adapter = None
         if mode != "t5":
             tokenizer = load_pretrained(AutoTokenizer, pretrained_model, "CLIP tokenizer", subfolder="tokenizer")

@@ -36,9 +36,9 @@ from tqdm.auto import tqdm
 
 from .config import ModelArguments, TrainingArguments, parse_flags, same_setting
 from .data import BadRowMonitor, ResumableSampler, make_dataloader
-from .loading import UserError, check_folder_path, load_pretrained, local_path
+from .loading import UserError, check_folder_path, load_pretrained
 from .lora import LoraSettings, add_lora, fuse_stage_loras, save_lora
-from .pipeline import LongPromptPipeline, get_sampler, stage_adapter
+from .pipeline import LongPromptPipeline, get_sampler, resolve_sources
 from .text_encoding import LongPromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,6 @@ class StageParts:
     encoder: LongPromptEncoder
     noise_scheduler: DDPMScheduler
     weight_dtype: torch.dtype
-    extra: dict[str, Any] = field(default_factory=dict)
     adapter_source: str | None = None  # the local adapter folder the encoder loaded (None in clip mode)
 
 
@@ -134,16 +133,18 @@ def load_stage_parts(
     """
     weight_dtype = DTYPES[args.mixed_precision]
     device = accelerator.device
-    init_from = [local_path(source, "LoRA") for source in model_args.init_from]
-    adapter = None
-    if model_args.encoder_mode != "clip":
-        source = model_args.adapter or (default_adapter if not init_from else None)
-        adapter = local_path(stage_adapter(source, init_from), "adapter")
+    preferred = model_args.adapter or (default_adapter if not model_args.init_from else None)
+    init_from, adapter, _ = resolve_sources(
+        model_args.pretrained_model, model_args.t5_model, preferred, model_args.init_from, model_args.encoder_mode
+    )
+    if adapter is not None:
         logger.info("text adapter: %s", adapter)
     unet = load_pretrained(UNet2DConditionModel, model_args.pretrained_model, "UNet", subfolder="unet")
     fuse_stage_loras(unet, init_from)
     vae = load_pretrained(AutoencoderKL, model_args.pretrained_model, "VAE", subfolder="vae")
     noise_scheduler = load_pretrained(DDPMScheduler, model_args.pretrained_model, "noise scheduler", subfolder="scheduler")
+    # on the device once, as diffusers' own add_noise leaves it (the solvers index it every step)
+    noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
     encoder = LongPromptEncoder.from_pretrained(
         model_args.pretrained_model,
         model_args.t5_model,
@@ -532,23 +533,25 @@ def validate(accelerator: Accelerator, args: TrainingArguments, parts: StagePart
     if adapter is not None:
         parts.encoder.adapter = accelerator.unwrap_model(adapter)
     spec = get_sampler(settings.sampler)
-    pipeline = LongPromptPipeline.from_components(parts.vae, unet, parts.noise_scheduler, parts.encoder)
-    pipeline.set_sampler(settings.sampler)
     images = []
-    with eval_mode(unet, parts.encoder.adapter), accelerator.autocast():  # no LoRA / adapter dropout
-        for index, prompt in enumerate(args.validation_prompts):
-            generator = torch.Generator().manual_seed(args.seed + index)
-            (image,), _ = pipeline(
-                [prompt],
-                steps=settings.steps or spec.steps,
-                guidance_scale=spec.guidance_scale if settings.guidance_scale is None else settings.guidance_scale,
-                height=args.resolution,
-                width=args.resolution,
-                generator=generator,
-                show_progress=False,
-            )
-            images.append(image)
-    parts.encoder.adapter = adapter
+    try:  # the unwrapped adapter goes back even when sampling fails (out of memory, ...)
+        pipeline = LongPromptPipeline.from_components(parts.vae, unet, parts.noise_scheduler, parts.encoder)
+        pipeline.set_sampler(settings.sampler)
+        with eval_mode(unet, parts.encoder.adapter), accelerator.autocast():  # no LoRA / adapter dropout
+            for index, prompt in enumerate(args.validation_prompts):
+                generator = torch.Generator().manual_seed(args.seed + index)
+                (image,), _ = pipeline(
+                    [prompt],
+                    steps=spec.steps if settings.steps is None else settings.steps,
+                    guidance_scale=spec.guidance_scale if settings.guidance_scale is None else settings.guidance_scale,
+                    height=args.resolution,
+                    width=args.resolution,
+                    generator=generator,
+                    show_progress=False,
+                )
+                images.append(image)
+    finally:
+        parts.encoder.adapter = adapter
     grid = make_image_grid(images, rows=1, cols=len(images))
     path = Path(args.output_dir) / "validation" / f"step_{step:07d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)

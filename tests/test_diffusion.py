@@ -236,7 +236,7 @@ def test_ddim_cfg_rollout_matches_diffusers_ddim(unet, ddpm):
     """Real (tiny) UNet, 10-step grid 999, 899, ..., 99 to keep CPU time low; the 50-step grid is
     compared against diffusers in test_ddim_cfg_gradient_matches_reference."""
     cond, uncond = contexts()
-    settings = diffusion.RolloutSettings(num_inference_steps=10, grad_steps=1)
+    settings = diffusion.RolloutSettings(rollout_steps=10, grad_steps=1)
     with torch.no_grad():
         out = diffusion.ddim_cfg_rollout(
             unet, cond, uncond, ddpm, LATENT_SHAPE, torch.Generator().manual_seed(7), settings
@@ -282,7 +282,7 @@ def test_ddim_cfg_rollout_grad_steps(unet, ddpm):
 
     # a loss on the output reaches every parameter of a real UNet (checkpointed calls)
     counting = CountingUNet(unet)
-    settings = diffusion.RolloutSettings(num_inference_steps=10, grad_steps=2, grad_stride=5)
+    settings = diffusion.RolloutSettings(rollout_steps=10, grad_steps=2, grad_stride=5)
     gen = torch.Generator().manual_seed(1)
     out = diffusion.ddim_cfg_rollout(counting, cond, uncond, ddpm, LATENT_SHAPE, gen, settings)
     counting.recording = False  # checkpoint recomputes the grad calls during backward
@@ -374,8 +374,10 @@ def test_registry_and_settings_errors(ddpm):
     assert set(diffusion.ROLLOUTS) == set(ROLLOUT_NAMES)
     with pytest.raises(UserError, match="ddim_cfg, lcm"):
         diffusion.get_rollout("ddpm")
-    with pytest.raises(UserError, match="exceeds num_inference_steps"):
+    with pytest.raises(UserError, match="exceeds --rollout_steps 50"):
         diffusion.RolloutSettings(grad_steps=6)
+    with pytest.raises(UserError, match="--rollout_steps must divide"):
+        diffusion.RolloutSettings(rollout_steps=33, grad_steps=1)
     with pytest.raises(UserError, match="descending"):
         diffusion.RolloutSettings(lcm_timesteps=(249, 999))
     cond, _ = contexts()

@@ -11,6 +11,7 @@ from torch import nn
 
 from longalign.config import AlignArguments, LcmArguments, ModelArguments, RewardArguments
 from longalign.data import CaptionDataset, DataSettings
+from longalign.diffusion import RolloutSettings
 from longalign.loading import UserError
 from longalign.training import (
     OPTIMIZER_FILE,
@@ -382,12 +383,39 @@ def test_align_refuses_a_scheduler_whose_prediction_type_it_cannot_train(tmp_pat
         train_align.build_stage(model_args, args, make_accelerator(args))
 
 
-def test_guidance_scale_with_the_lcm_rollout_warns(caplog):
+def test_ddim_rollout_flags_with_the_lcm_rollout_warn(caplog):
     with caplog.at_level(logging.WARNING, logger="longalign.config"):
-        RewardArguments(rollout="lcm", guidance_scale=3.0)
+        RewardArguments(rollout="lcm", guidance_scale=3.0, grad_steps=2)
         RewardArguments(rollout="lcm")  # the default: nothing to say
-        RewardArguments(guidance_scale=3.0)  # ddim_cfg uses it
-    assert caplog.text.count("--guidance_scale has no effect with --rollout lcm") == 1
+        RewardArguments(guidance_scale=3.0, grad_steps=2)  # ddim_cfg uses them
+    assert caplog.text.count("--guidance_scale, --grad_steps: no effect with --rollout lcm") == 1
+
+
+def test_reward_stage_flags():
+    """The rollout is set by flags, checked before any model loads; the accumulation default is the
+    released launcher's per rollout (reward 1, reward_lcm 2)."""
+    settings = RewardArguments(rollout_steps=25, grad_steps=2, grad_stride=4, guidance_scale=5.0).rollout_settings()
+    assert (settings.rollout_steps, settings.grad_steps, settings.grad_stride, settings.guidance_scale) == (25, 2, 4, 5.0)
+    assert RewardArguments().rollout_settings() == RolloutSettings()  # the released recipe
+    assert RewardArguments().gradient_accumulation_steps == 1
+    assert RewardArguments(rollout="lcm").gradient_accumulation_steps == 2
+    assert RewardArguments(rollout="lcm", gradient_accumulation_steps=3).gradient_accumulation_steps == 3
+    with pytest.raises(UserError, match="unknown rollout 'ddpm'"):
+        RewardArguments(rollout="ddpm")
+    with pytest.raises(UserError, match="exceeds --rollout_steps 20"):
+        RewardArguments(rollout_steps=20, grad_stride=10)
+    with pytest.raises(UserError, match="already checkpoints each UNet call"):
+        RewardArguments(gradient_checkpointing=True)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [({"encoder_mode": "clip5"}, "unknown encoder mode 'clip5'"), ({"segmenter": "words"}, "unknown segmenter 'words'"),
+     ({"token_length": 0}, "--token_length must be in")],
+)  # fmt: skip
+def test_encoder_settings_fail_before_any_model_loads(flags, message):
+    with pytest.raises(UserError, match=message):
+        ModelArguments(**flags)
 
 
 def test_checkpoints_total_limit_keeps_the_newest(tmp_path, no_final):
