@@ -16,7 +16,7 @@ from torch import nn
 
 
 class TextAdapter(ModelMixin, ConfigMixin):
-    """`x -> LayerNorm [norm1] -> FF1 -> LayerNorm [norm2] -> FF2` (paper §4.1, LaVi-Bridge).
+    """`x -> LayerNorm [norm1] -> FF1 -> LayerNorm [norm2] -> FF2` (METHOD.md §2, LaVi-Bridge's layout).
 
     Each FF is diffusers' `FeedForward` with GEGLU (`net.0.proj`: Linear(d, 2*4d)), dropout 0.1
     (`net.1`) and the output Linear (`net.2`: Linear(4d, d_out)).

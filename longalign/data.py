@@ -13,11 +13,12 @@ How the training loop uses this module (one process per GPU, `accelerate launch`
     sampler = ResumableSampler(len(dataset), seed, num_replicas=accelerator.num_processes,
                                rank=accelerator.process_index)
     loader = make_dataloader(dataset, sampler, batch_size, num_workers)   # NOT accelerator.prepare'd
-    monitor = BadRowMonitor.from_settings(settings, rows_per_epoch=sampler.num_samples)
+    monitor = BadRowMonitor.from_settings(settings, rows_per_epoch=sampler.num_samples * accelerator.num_processes)
     # on resume: sampler.load_state_dict(saved["sampler"]); monitor.load_state_dict(saved["bad_rows"])
     while not done:
         for batch in loader:
-            monitor.update(batch)               # counts skipped rows, warns, raises UserError if too many
+            counts = accelerator.gather(torch.tensor([monitor.batch_counts(batch)], device=accelerator.device))
+            monitor.update(batch, counts.sum(0).tolist())  # all ranks' rows: warns, raises UserError if too many
             sampler.advance(batch["num_rows"])  # rows consumed, bad ones included
             pixel_values = batch["pixel_values"].to(accelerator.device)   # (b, 3, R, R), b may be < batch_size
             ...                                 # checkpoint: {"sampler": sampler.state_dict(), ...}

@@ -36,7 +36,7 @@ _METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 
 @dataclass
 class LoraSettings:
-    """Hyper-parameters of one UNet LoRA (paper §4.1 / released launcher: rank 32, scale 1).
+    """Hyper-parameters of one UNet LoRA (METHOD.md §3 / released launcher: rank 32, scale 1).
 
     `alpha=None` means `alpha = rank` (peft scale `alpha / rank = 1`, as in the released code).
     `init="gaussian"` is peft's `lora_A ~ N(0, std = 1/rank)`, `lora_B = 0`, the initialisation of

@@ -126,10 +126,9 @@ class LongPromptPipeline:
     `LongPromptEncoder` into (B, L, D) contexts and runs the diffusers pipeline on them.
     """
 
-    def __init__(self, pipe: StableDiffusionPipeline, encoder: LongPromptEncoder, checkpoints: dict | None = None):
+    def __init__(self, pipe: StableDiffusionPipeline, encoder: LongPromptEncoder):
         self.pipe = pipe
         self.encoder = encoder
-        self.checkpoints = checkpoints or {}  # what was loaded, for sidecars and model cards
 
     @classmethod
     def from_components(cls, vae, unet, scheduler, encoder: LongPromptEncoder) -> "LongPromptPipeline":

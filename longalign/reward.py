@@ -18,7 +18,7 @@ Parts:
   `preference_loss`, `auto_text_irrelevant_weight`, `check_text_irrelevant_weight`;
 - `CommonDirection`, the provider of V (`batch` / `ema` / `file`), and
   `compute_common_direction` / `save_common_direction` for the `file` mode;
-- `decomposed_reward`, the entry point of the reward stages.
+- `DecomposedReward`, the reward stages' scorer (`reward_loss` in train_reward.py calls it).
 """
 
 from __future__ import annotations
@@ -335,7 +335,6 @@ class PreferenceModel(nn.Module):
         self.register_buffer("image_mean", mean, persistent=False)
         self.register_buffer("image_std", std, persistent=False)
         self.segment_tokenizer = segment_tokenizer
-        self.segmenter_name = segmenter
         self.segmenter = get_segmenter(segmenter)
         self.text_batch_size = text_batch_size
         self.name = name
