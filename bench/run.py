@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import importlib
 import json
@@ -94,9 +95,9 @@ OP_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("scaled_dot_product", "flash", "efficient_attention", "cudnn_attention", "fmha", "_softmax")),
     ("convolution", ("conv", "cudnn_convolution")),
     ("matmul", ("mm", "addmm", "bmm", "linear", "matmul", "gemm", "baddbmm")),
+    ("optimizer", ("adam", "_foreach", "clip_grad")),  # before "norm": clipping's aten::_foreach_norm
     ("normalization", ("group_norm", "layer_norm", "native_group_norm", "native_layer_norm", "norm")),
-    ("optimizer", ("adam", "_foreach", "clip_grad")),
-    ("copy/cast", ("copy_", "to_copy", "_to_copy", "clone", "contiguous", "cat")),
+    ("copy/cast", ("copy_", "to_copy", "_to_copy", "clone", "contiguous", "aten::cat")),
 )
 
 LONG_CAPTIONS = (
@@ -270,21 +271,29 @@ def flops_by_module(counter: Any) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------- profile
 def categorize(op_name: str) -> str:
+    """The `OP_CATEGORIES` category of a profiler op name (`aten::cat` exactly, not `scatter`)."""
     name = op_name.lower()
     for category, needles in OP_CATEGORIES:
-        if any(needle in name for needle in needles):
+        if any(needle == name if needle.startswith("aten::") else needle in name for needle in needles):
             return category
     return "other (elementwise, ...)"
 
 
 def profile_call(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
-    """Run `fn` once under torch.profiler; self time (device time on a GPU) by op category and the top ops."""
+    """Run `fn` once under torch.profiler; self time (device time on a GPU) by op category and the top ops.
+
+    On a GPU the shares are of kernel time only; `kernel_seconds_total` against the unprofiled
+    median step (`measure` adds `device_busy_share`) says how much of the step no kernel runs
+    (launch overhead, host work, syncs), and `top_cpu_ops` where the host spends it.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    started = time.perf_counter()
     with profile(activities=activities) as prof:
         fn()
         synchronize(device)
+    wall = time.perf_counter() - started
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     by_category: dict[str, float] = {}
     ops = []
@@ -296,8 +305,15 @@ def profile_call(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
         ops.append((micros, event.key))
     total = sum(by_category.values()) or 1.0
     ops.sort(reverse=True)
+    cpu_ops = sorted(
+        ((float(event.self_cpu_time_total), event.key) for event in prof.key_averages() if event.self_cpu_time_total > 0),
+        reverse=True,
+    )
     return {
         "time_kind": "CUDA kernel time" if device.type == "cuda" else "CPU self time",
+        "profiled_wall_seconds": round(wall, 5),
+        "kernel_seconds_total": round(total / 1e6, 5),
+        "top_cpu_ops": [{"op": name, "seconds": round(us / 1e6, 5)} for us, name in cpu_ops[:8]],
         "share_by_category": {k: round(v / total, 4) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
         "seconds_by_category": {k: round(v / 1e6, 5) for k, v in by_category.items()},
         "top_ops": [{"op": name, "seconds": round(us / 1e6, 5), "share": round(us / total, 4)} for us, name in ops[:12]],
@@ -354,7 +370,11 @@ class Options:
     heavy_warmup: int = 1
     heavy_steps: int = 3
     reward_steps: int = 50
+    deadline: float | None = None  # time.monotonic() after which no measurement starts (--deadline-s)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
 
 
 # ------------------------------------------------------------------------ stage contexts
@@ -425,7 +445,8 @@ class StageBench:
             args = LcmArguments(**common)
         else:
             args = RewardArguments(
-                **common, reward_model=str(folders["preference"]), rollout="ddim_cfg" if stage == "reward" else "lcm"
+                **common, reward_model=str(folders["preference"]), rollout="ddim_cfg" if stage == "reward" else "lcm",
+                **rollout_flags(options.reward_steps),
             )
         self.args = args
         started = time.perf_counter()
@@ -433,8 +454,6 @@ class StageBench:
         script = {"align": "train_align", "lcm": "train_lcm"}.get(stage, "train_reward")
         self.stage_spec = importlib.import_module(script).build_stage(self.model_args, args, self.accelerator)
         self.parts = self.stage_spec.parts
-        if stage in ("reward", "reward_lcm"):  # fewer rollout steps only for smoke runs
-            self.parts.extra["rollout_settings"] = rollout_settings(self.options.reward_steps, guidance_scale=args.guidance_scale)
         self.loss_fn = self.stage_spec.loss_fn
         self.params, self.optimizer, _ = prepare_optimization(self.accelerator, args, self.stage_spec)
         synchronize(device)
@@ -459,6 +478,9 @@ class StageBench:
         release_memory(self.options.device)
 
 
+RECOMPUTED = "FLOPs include the recomputed forward of each checkpointed UNet call: MFU here is hardware FLOPs utilisation"
+LATER_COMPARISONS = {"reward": "gradient through all rollout steps", "align": "align ablations"}  # in this order
+
 # Comparison 5: the align step with one cost removed or one lever applied, to isolate where its time
 # goes (BENCHMARKS.md: on an H200, half the kernel time was elementwise work and casts).
 ALIGN_ABLATIONS = {
@@ -469,6 +491,7 @@ ALIGN_ABLATIONS = {
     "channels_last": "UNet in channels-last memory format (+ cudnn.benchmark on a GPU)",
     "no_autocast": "UNet without accelerate's autocast: frozen path pure bf16 (norms, SiLU in bf16, not fp32), LoRA fp32 via peft's casts",
 }
+ABLATIONS_CHANGING_FLOPS = {"no_lora"}  # the others change how the same ops run, not which ops
 
 
 def ablation_missing(unet: torch.nn.Module, kind: str) -> str | None:
@@ -533,16 +556,11 @@ def align_ablation(unet: torch.nn.Module, kind: str) -> Any:
         yield
 
 
-def rollout_settings(steps: int, **overrides: Any):
-    """The released rollout (50 DDIM steps, grad through 5 with stride 10, checkpointed), or a shorter
-    one for smoke runs (`--reward-steps`, e.g. 10: grad through 5 with stride 2)."""
-    from longalign.diffusion import RolloutSettings
-
+def rollout_flags(steps: int) -> dict[str, int]:
+    """The reward stages' rollout flags: the released rollout (50 DDIM steps, grad through 5 with
+    stride 10), or a shorter one for smoke runs (`--reward-steps`, e.g. 10: grad through 5, stride 2)."""
     grad_steps = min(5, steps)
-    return RolloutSettings(
-        num_inference_steps=steps, grad_steps=grad_steps, grad_stride=max(steps // grad_steps, 1),
-        gradient_checkpointing=True, **overrides,
-    )  # fmt: skip
+    return {"rollout_steps": steps, "grad_steps": grad_steps, "grad_stride": max(steps // grad_steps, 1)}
 
 
 # --------------------------------------------------------------------------- measurement
@@ -590,6 +608,8 @@ def measure(
         peak_memory_gib=round(meter.peak_gib(), 3),
         memory_baseline_gib=round(baseline, 3),
     )
+    if device.type == "cuda":  # what a smaller card must hold: the caching allocator's peak, not only live tensors
+        record["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / GIB, 3)
     if flops is not None:
         unet = flops.get("UNet2DConditionModel", 0)
         record.update(unet_flops_per_step=unet, total_flops_per_step=flops["total"], flops_by_model=flops)
@@ -600,13 +620,19 @@ def measure(
     if profile:
         try:
             record["profile"] = profile_call(lambda: run_step(options.seed + 30_000), device)
+            if device.type == "cuda":  # the rest of the unprofiled step runs no kernel
+                record["device_busy_share"] = round(record["profile"]["kernel_seconds_total"] / record["step_time_median_s"], 4)
         except Exception as error:  # noqa: BLE001 - a profiler failure must not lose the measurement
             record["profile"] = {"error": f"{type(error).__name__}: {error}"}
     return record
 
 
 def guarded(name: str, body: Callable[[], dict[str, Any]], options: Options) -> dict[str, Any]:
-    """Run a measurement; an OOM or any other error becomes the result instead of a crash."""
+    """Run a measurement; an OOM or any other error becomes the result instead of a crash. Past
+    `--deadline-s` the measurement is not started and `skipped_time` is the result."""
+    if options.out_of_time():
+        print(f"  {name}: skipped: past --deadline-s", flush=True)
+        return {"status": "skipped_time", "note": "not started: past --deadline-s"}
     try:
         return body()
     except Exception as error:  # noqa: BLE001 - every failure is a result here
@@ -632,6 +658,7 @@ class Runner:
         self.recorder = recorder
         self.workdir = workdir
         self.results: dict[str, dict[str, Any]] = {}
+        self.later: list[tuple[str, str, int, int, int]] = []  # (stage, reference, batch, warmup, steps)
 
     # ------------------------------------------------------------------ bookkeeping
     def base(self, name: str, stage: str, variant: str, batch_size: int) -> dict[str, Any]:
@@ -641,7 +668,7 @@ class Runner:
             "resolution": options.resolution, "batch_size": batch_size,
             "precision": "bf16 (accelerate autocast, frozen weights bf16, LoRA fp32)" if options.device.type == "cuda" else "fp32",
             "attention": "sdpa", "peak_tflops": options.peak_tflops,
-        }  # fmt: skip
+        } | ({"flops_note": RECOMPUTED} if stage in ("reward", "reward_lcm") else {})  # fmt: skip
 
     def record(self, record: dict[str, Any]) -> dict[str, Any]:
         self.results[record["name"]] = record
@@ -697,6 +724,8 @@ class Runner:
             self.record(record)
             if record["status"] == "ok" and options.compare:
                 self.stage_comparisons(stage, name, bench[0], size, warmup, steps)
+                if stage in LATER_COMPARISONS:
+                    self.later.append((stage, name, size, warmup, steps))
             if bench:
                 bench[0].close()
             bench.clear()
@@ -714,12 +743,43 @@ class Runner:
         }[stage]
 
     def stage_comparisons(self, stage: str, name: str, bench: StageBench, size: int, warmup: int, steps: int) -> None:
+        """The comparisons the issue asks for that reuse the stage's loaded parts: 1 and 4 (align)."""
         if stage == "align":
             self.align_context77(bench, name, size, warmup, steps)
             self.encoder_shares(bench, name, size, steps)
-            self.align_ablations(bench, name, size, warmup, steps)
-        if stage == "reward":
-            self.reward_all_steps(bench, name, size, steps)
+
+    def later_comparisons(self) -> None:
+        """The long comparisons, after every stage's own rows so that a time limit cuts them first:
+        2 (reward, all 50 steps with gradient, minutes on a GPU) and 5 (align ablations). Each
+        reloads its stage at the batch size its row ran with."""
+        options = self.options
+        priority = list(LATER_COMPARISONS)
+        for stage, reference, size, warmup, steps in sorted(self.later, key=lambda item: priority.index(item[0])):
+            print(f"[{stage}: {LATER_COMPARISONS[stage]}]", flush=True)
+            if options.out_of_time():
+                note = f"{LATER_COMPARISONS[stage]} not started: past --deadline-s"
+                self.recorder.add("comparisons", {"name": f"{reference}_later", "status": "skipped_time", "note": note})
+                print(f"  {note}", flush=True)
+                continue
+            full_size = options.batch_sizes[stage]
+            options.batch_sizes = {**options.batch_sizes, stage: size}
+            bench: StageBench | None = None
+            try:
+                bench = StageBench(stage, self.folders, options, self.workdir)
+            except Exception as error:  # noqa: BLE001 - as `guarded`: the failure is the result
+                status = "oom" if is_oom(error) else "error"
+                self.recorder.add("comparisons", {"name": f"{reference}_later", "status": status, "error": f"reloading {stage}: {error}"[:300]})
+                release_memory(options.device)
+                continue
+            try:
+                if stage == "align":
+                    self.align_ablations(bench, reference, size, warmup, steps)
+                else:
+                    self.reward_all_steps(bench, reference, size, steps)
+            finally:
+                if bench is not None:
+                    bench.close()
+                options.batch_sizes = {**options.batch_sizes, stage: full_size}
 
     def align_context77(self, bench: StageBench, reference: str, size: int, warmup: int, steps: int) -> None:
         """Comparison 1: the same align step with SD's standard 77-token CLIP context (no T5, no adapter)."""
@@ -763,8 +823,9 @@ class Runner:
                 # card's clocks or caches over the run does not pass for the ablation's effect.
                 step = lambda seed: bench.step(batch, seed)  # noqa: E731
                 plain = measure(name, step, size, max(warmup, 1), steps, dataclasses.replace(options, count_flops=False))
-                with align_ablation(unet, kind):
-                    measured = measure(name, step, size, max(warmup, 1), steps, options)
+                with align_ablation(unet, kind):  # FLOPs counted only where the ablation changes them
+                    counted = dataclasses.replace(options, count_flops=options.count_flops and kind in ABLATIONS_CHANGING_FLOPS)
+                    measured = measure(name, step, size, max(warmup, 1), steps, counted)
                 return measured | {"reference_step_time_median_s": plain["step_time_median_s"]}
 
             record.update(guarded(name, body, options))
@@ -816,8 +877,10 @@ class Runner:
 
     def reward_all_steps(self, bench: StageBench, reference: str, size: int, steps: int) -> None:
         """Comparison 2: gradient through all 50 rollout steps (checkpointed, then not) vs the released 5 of 50."""
+        from longalign.diffusion import RolloutSettings
+
         options = self.options
-        original = bench.parts.extra["rollout_settings"]
+        original = bench.loss_fn
         for suffix, checkpointing, label in (
             ("all50", True, f"reward step with grad through all {options.reward_steps} steps (each UNet call checkpointed)"),
             ("all50_nockpt", False, f"reward step with grad through all {options.reward_steps} steps, no checkpointing"),
@@ -826,17 +889,20 @@ class Runner:
             record = self.base(name, "reward", label, size)
 
             def body(checkpointing: bool = checkpointing, name: str = name) -> dict[str, Any]:
-                bench.parts.extra["rollout_settings"] = rollout_settings(
-                    options.reward_steps, guidance_scale=bench.args.guidance_scale, grad_all_steps=True
-                )
-                bench.parts.extra["rollout_settings"].gradient_checkpointing = checkpointing
+                settings = RolloutSettings(
+                    **rollout_flags(options.reward_steps), guidance_scale=bench.args.guidance_scale, grad_all_steps=True,
+                    checkpoint_grad_steps=checkpointing,
+                )  # fmt: skip
+                bench.loss_fn = functools.partial(original, settings=settings)  # the stage's loss, this rollout
                 batch = make_batch("reward", size, options.resolution, options.seed)
-                return measure(name, lambda seed: bench.step(batch, seed), size, 1, min(steps, 2), options)
+                # FLOPs of the checkpointed row only: counting costs a minute of CPU here, and the other runs out of memory
+                counted = dataclasses.replace(options, count_flops=options.count_flops and checkpointing)
+                return measure(name, lambda seed: bench.step(batch, seed), size, 1, min(steps, 2), counted)
 
             try:
                 record.update(guarded(name, body, options))
             finally:
-                bench.parts.extra["rollout_settings"] = original
+                bench.loss_fn = original
                 bench.optimizer.zero_grad(set_to_none=True)
                 release_memory(options.device)
             self.record(record)
@@ -980,15 +1046,21 @@ def markdown(run: dict[str, Any]) -> str:
             elif c.get("status") not in (None, "ok"):
                 detail += f" ({c.get('status')}: {c.get('error', '')})"
             lines.append(f"| {c['name']} | {fmt(c.get('ratio'))} | {detail} |")
+    if any("flops_note" in r and "mfu_unet" in r for r in run["results"]):
+        lines += ["", f"MFU of the reward rows: {RECOMPUTED}."]
     profiles = [(r["name"], r["profile"]) for r in run["results"] if isinstance(r.get("profile"), dict) and "share_by_category" in r["profile"]]
     for name, prof in profiles:
         shares = ", ".join(f"{k} {v:.1%}" for k, v in prof["share_by_category"].items())
         lines += ["", f"Where the time goes in `{name}` ({prof['time_kind']}): {shares}"]
+        busy = next((r.get("device_busy_share") for r in run["results"] if r["name"] == name), None)
+        if busy is not None:
+            lines.append(f"Kernels run {busy:.0%} of the unprofiled median step; the rest is host work, launches and syncs.")
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------- main
-def parse_options(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
+def parse_options(argv: list[str] | None) -> tuple[Options | None, argparse.Namespace]:
+    """The command line as `Options` (None with --table: nothing is measured, nor CUDA probed)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--size", choices=("tiny", "sd15"), default="tiny", help="tiny models or full SD1.5-size random-weight models")
     parser.add_argument("--stage", choices=STAGE_CHOICES, default="all", help="a stage, all of them (with comparisons), or the tiny script chain")
@@ -1009,7 +1081,10 @@ def parse_options(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 is steadier on a busy shared CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--table", default=None, metavar="FILE", help="only print the tables of the last run in FILE (e.g. one a time limit cut off)")
+    parser.add_argument("--deadline-s", type=float, default=None, help="start no measurement after this many seconds (later rows: skipped_time)")
     ns = parser.parse_args(argv)
+    if ns.table:
+        return None, ns
 
     if ns.threads is not None:
         if ns.threads < 1:
@@ -1056,7 +1131,9 @@ def parse_options(argv: list[str] | None) -> tuple[Options, argparse.Namespace]:
         size=ns.size, stages=stages, device=device, resolution=resolution, batch_sizes=batch_sizes, warmup=warmup,
         steps=steps, compare=not ns.no_compare, count_flops=not ns.no_flops, profile=profile,
         fit_batch=ns.fit_batch or ns.gpu_table, peak_tflops=peak, seed=ns.seed,
-        heavy_warmup=1 if gpu else warmup, heavy_steps=3 if gpu else steps, reward_steps=ns.reward_steps, extra={"peak_label": label, "threads": ns.threads},
+        heavy_warmup=1 if gpu else warmup, heavy_steps=3 if gpu else steps, reward_steps=ns.reward_steps,
+        deadline=None if ns.deadline_s is None else time.monotonic() + ns.deadline_s,
+        extra={"peak_label": label, "threads": ns.threads},
     )  # fmt: skip
     return options, ns
 
@@ -1075,7 +1152,7 @@ def print_tables(path: str) -> int:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     options, ns = parse_options(argv)
-    if ns.table:
+    if options is None:
         return print_tables(ns.table)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.ERROR)
@@ -1100,6 +1177,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "device": str(options.device), "resolution": options.resolution, "batch_sizes": options.batch_sizes,
             "warmup": options.warmup, "steps": options.steps, "reward_warmup_steps": [options.heavy_warmup, options.heavy_steps],
+            "deadline_s": ns.deadline_s,
             "reward_rollout_steps": options.reward_steps,
             "peak_bf16_tflops": options.peak_tflops, "peak_card": options.extra.get("peak_label"), "peak_source": PEAK_SOURCE,
             "flops": "torch.utils.flop_counter.FlopCounterMode on one untimed step before the warm-up: forward + backward + checkpoint recomputation",
@@ -1132,6 +1210,7 @@ def main(argv: list[str] | None = None) -> int:
                 runner.chain()
             else:
                 runner.train_stage(stage)
+        runner.later_comparisons()
     finally:
         run["settings"]["total_seconds"] = round(time.perf_counter() - started, 2)
         recorder.save()

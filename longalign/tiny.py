@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import importlib.util
 import io
 import json
 import os
@@ -69,9 +70,10 @@ def write_clip_tokenizer(folder: Path) -> None:
     `tokenizer_config.json` and `special_tokens_map.json` (no `tokenizer.json`), so loading it
     takes the same path as loading the real one.
     """
-    import open_clip
-
-    bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    spec = importlib.util.find_spec("open_clip")  # located, not imported: open_clip's imports are not needed here
+    if spec is None or spec.origin is None:
+        raise UserError("open_clip_torch is not installed; its BPE file is the CLIP tokenizer's vocabulary")
+    bpe_path = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
     symbols = list(_bytes_to_unicode().values())
