@@ -262,7 +262,7 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"mse"
 def get_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Look up a training loss by name in `LOSSES` ('mse', 'pseudo_huber'); UserError otherwise."""
     if name not in LOSSES:
-        raise UserError(f"unknown loss '{name}'; choose one of: {', '.join(LOSSES)}")
+        raise UserError(f"unknown --loss '{name}'; choose one of: {', '.join(LOSSES)}")
     return LOSSES[name]
 
 

@@ -165,7 +165,7 @@ class LongPromptPipeline:
         """
         from .lora import fuse_stage_loras
 
-        loras, adapter, checkpoints = resolve_sources(pretrained_model, t5_model, adapter, init_from, mode)
+        loras, adapter, _ = resolve_sources(pretrained_model, t5_model, adapter, init_from, mode)
         encoder = LongPromptEncoder.from_pretrained(
             pretrained_model, t5_model, adapter, mode, token_length, segmenter, device=device, dtype=dtype
         )
@@ -184,7 +184,7 @@ class LongPromptPipeline:
         )
         fuse_stage_loras(pipe.unet, loras)
         pipe.to(device)
-        return cls(pipe, encoder, checkpoints)
+        return cls(pipe, encoder)
 
     def set_sampler(self, name: str) -> SamplerSpec:
         """Switch the pipeline's scheduler to sampler `name` (same noise schedule)."""
