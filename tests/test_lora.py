@@ -143,6 +143,27 @@ def test_sd15_unet_has_224_targets():
     assert counts == {"conv1": 22, "conv2": 22, "time_emb_proj": 22, "conv_shortcut": 14, "to_q": 32, "0": 32, "proj": 16}
 
 
+def test_sd15_target_order_is_pinned():
+    """The released LoRA files are key-less lists in this order (METHOD.md §3), so a diffusers
+    release that registered the UNet's blocks in another order would pair same-shaped tensors with
+    the wrong layers without any error: diffusers registers `down_blocks` and `up_blocks` before
+    `mid_block`, and in each block its attentions before its resnets."""
+    import hashlib
+
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    with init_empty_weights():
+        targets = lora_target_modules(UNet2DConditionModel.from_config(SD15_UNET_CONFIG))
+    blocks = list(dict.fromkeys("mid_block" if name.startswith("mid_block") else ".".join(name.split(".")[:2]) for name in targets))
+    assert blocks == [*(f"down_blocks.{i}" for i in range(4)), *(f"up_blocks.{i}" for i in range(4)), "mid_block"]
+    attention = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    assert targets[:4] == [f"{attention}.to_q", f"{attention}.to_k", f"{attention}.to_v", f"{attention}.to_out.0"]
+    assert targets[-1] == "mid_block.resnets.1.conv2"
+    digest = hashlib.sha256("\n".join(targets).encode()).hexdigest()
+    assert digest == "9a0800da02f29196af2b102ae738f57628463ea0ffefceae96f2f0c84aff6ef7"  # the whole list, as of diffusers 0.42
+
+
 # ------------------------------------------------------------------------------------ training adapter
 
 

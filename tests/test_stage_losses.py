@@ -1,7 +1,9 @@
-"""What the align and lcm losses feed the UNet, call by call (METHOD.md §5), on the tiny models.
+"""What the align, lcm and reward losses feed the UNet and compute, call by call (METHOD.md §5),
+on the tiny models.
 
 The stage tests check that each stage runs and writes its files; these check the recipe itself: a
-recording hook on the UNet sees every call's timesteps, context, gradient mode and LoRA state.
+recording hook on the UNet sees every call's timesteps, context, gradient mode and LoRA state, and
+a second one its inputs and outputs, from which each loss value is recomputed by hand.
 """
 
 import pytest
@@ -10,8 +12,10 @@ from peft.tuners.lora import LoraLayer
 
 import train_align
 import train_lcm
-from longalign.config import AlignArguments, LcmArguments, ModelArguments
-from longalign.training import make_accelerator
+import train_reward
+from longalign import diffusion
+from longalign.config import AlignArguments, LcmArguments, ModelArguments, RewardArguments
+from longalign.training import encode_images, make_accelerator
 
 
 @pytest.fixture
@@ -81,3 +85,90 @@ def test_align_loss_drops_captions_to_the_empty_prompt_and_trains_the_lora(tmp_p
     assert all(d != k for d, k in zip(dropped, kept))  # each row is its caption's encoding or the empty prompt's
     assert 0 < sum(dropped) < 8 and logs["caption_dropped"] == sum(dropped) / 8
     assert call["timesteps"].min() >= 0 and call["timesteps"].max() < 1000
+
+
+def record_io(unet) -> list[dict]:
+    """Every forward of `unet`: its input sample, timesteps and output (float32 copies)."""
+    calls = []
+
+    def hook(module, args, kwargs, output):
+        calls.append(dict(sample=args[0].detach().float().clone(), t=torch.as_tensor(args[1]).clone(), out=output.sample.detach().float().clone()))
+
+    unet.register_forward_hook(hook, with_kwargs=True)
+    return calls
+
+
+def test_lcm_loss_is_the_consistency_distance_to_the_guided_teacher_step(tmp_path, model_args, monkeypatch):
+    args = LcmArguments(**common(tmp_path))
+    stage = train_lcm.build_stage(model_args, args, make_accelerator(args))
+    start = torch.tensor([15, 519])  # 15 -> t' = 0, where the target must be x_t' itself (c_skip 1, c_out 0)
+    monkeypatch.setattr(train_lcm, "sample_lcm_timesteps", lambda *a, **k: (start, (start - 20).clamp(min=0)))
+    calls = record_io(stage.parts.unet)
+    loss, _ = stage.loss_fn(stage.parts, batch(["A red circle. A blue square.", "A green star."]), torch.Generator().manual_seed(0))
+    student, cond, uncond, target = calls
+    alphas = stage.parts.noise_scheduler.alphas_cumprod
+    t, t_prev = student["t"], target["t"]
+    assert torch.equal(cond["sample"], student["sample"]) and torch.equal(uncond["sample"], student["sample"])
+    x_prev = diffusion.lcm_teacher_step(cond["out"], uncond["out"], student["sample"], t, t_prev, alphas, "epsilon", 7.5)
+    torch.testing.assert_close(target["sample"], x_prev, rtol=1e-5, atol=1e-6)  # the target starts from the teacher's step
+
+    def denoised(call, timesteps):
+        x0 = diffusion.predict_x0(call["out"], call["sample"], timesteps, alphas)
+        return diffusion.lcm_output(x0, call["sample"], timesteps)
+
+    prediction, consistency_target = denoised(student, t), denoised(target, t_prev)
+    torch.testing.assert_close(consistency_target[0], target["sample"][0], rtol=0, atol=1e-6)  # boundary condition at t' = 0
+    torch.testing.assert_close(loss.detach(), diffusion.pseudo_huber(prediction, consistency_target, 0.001), rtol=1e-5, atol=1e-7)
+
+
+def test_align_loss_is_mse_to_the_noise_at_uniform_timesteps(tmp_path, model_args, monkeypatch):
+    args = AlignArguments(**common(tmp_path), caption_dropout=0.0)
+    stage = train_align.build_stage(model_args, args, make_accelerator(args))
+    latents = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(train_align, "encode_images", lambda vae, pixels, generator: latents.clone())
+    ranges = []
+    sample_timesteps = train_align.sample_timesteps
+    monkeypatch.setattr(train_align, "sample_timesteps", lambda n, g, low, high: ranges.append((low, high)) or sample_timesteps(n, g, low, high))
+    calls = record_io(stage.parts.unet)
+    loss, logs = stage.loss_fn(stage.parts, batch([f"A red circle number {i}." for i in range(8)]), torch.Generator().manual_seed(0))
+    (call,) = calls
+    assert ranges == [(0, 1000)] and logs["caption_dropped"] == 0.0
+    alpha = stage.parts.noise_scheduler.alphas_cumprod[call["t"]].view(-1, 1, 1, 1)
+    noise = (call["sample"] - alpha.sqrt() * latents) / (1 - alpha).sqrt()  # what x_t was noised with
+    assert abs(noise.mean()) < 0.1 and 0.9 < noise.std() < 1.1  # standard normal, not the latents
+    torch.testing.assert_close(loss.detach(), diffusion.mse(call["out"], noise), rtol=1e-4, atol=1e-6)
+
+
+def test_encode_images_samples_and_scales_the_latents(tiny_models):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(tiny_models["sd15"], subfolder="vae")
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        distribution = vae.encode(pixels).latent_dist
+    noise = torch.randn(distribution.mean.shape, generator=torch.Generator().manual_seed(0))
+    expected = (distribution.mean + distribution.std * noise) * vae.config.scaling_factor
+    torch.testing.assert_close(encode_images(vae, pixels, torch.Generator().manual_seed(0)), expected)
+
+
+def test_reward_loss_scores_the_decoded_last_x0_in_0_1(tmp_path, tiny_models, model_args, monkeypatch):
+    args = RewardArguments(**common(tmp_path), reward_model=str(tiny_models["preference"]), resolution=32)
+    stage = train_reward.build_stage(model_args, args, make_accelerator(args))
+    seen = {}
+    rollout = diffusion.ddim_cfg_rollout
+
+    def recording_rollout(*a, **k):
+        seen["x0"] = rollout(*a, **k).x0
+        return diffusion.RolloutOutput(seen["x0"], [], [])
+
+    def recording_reward(images, captions, generator):
+        seen["images"] = images
+        return images.mean(), {}
+
+    monkeypatch.setattr(train_reward, "get_rollout", lambda name: recording_rollout)
+    settings = diffusion.RolloutSettings(rollout_steps=10, grad_steps=1)
+    train_reward.reward_loss(stage.parts, {"caption": ["A red circle.", "A dog."]}, torch.Generator().manual_seed(0), args, recording_reward, settings)
+    vae = stage.parts.vae
+    with torch.no_grad():
+        expected = ((vae.decode(seen["x0"] / vae.config.scaling_factor).sample + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(seen["images"].detach(), expected, rtol=1e-5, atol=1e-6)

@@ -12,7 +12,6 @@ from transformers import AutoTokenizer
 from longalign.adapter import TextAdapter
 from longalign.loading import UserError
 from longalign.text_encoding import (
-    PAD_EMBEDDING_POSITIONS,
     LongPromptEncoder,
     SegmentCLIPEncoder,
     get_segmenter,
@@ -113,7 +112,7 @@ def plain_clip(clip, text):
 def test_pad_embedding_is_mean_of_empty_prompt_padding(encoder):
     clip = encoder.clip
     hidden, _ = plain_clip(clip, "")
-    torch.testing.assert_close(clip.pad_embedding, hidden[PAD_EMBEDDING_POSITIONS].mean(0))
+    torch.testing.assert_close(clip.pad_embedding, hidden[17:77].mean(0))  # the released rule, spelled out: the last 60
 
 
 def test_one_segment_prompt_equals_plain_clip_then_pad(encoder):
@@ -272,6 +271,19 @@ def test_adapter_receives_gradient_and_frozen_encoders_do_not(encoder):
     assert all(p.grad is not None for p in encoder.adapter.parameters())
     assert all(p.grad is None for p in encoder.clip.text_encoder.parameters())
     encoder.adapter.zero_grad(set_to_none=True)
+
+
+def test_t5_branch_is_t5_on_the_whole_prompt_with_eos_and_no_mask(encoder):
+    """METHOD.md §2: the tokenizer's default call (`</s>` appended), padded to 240, no attention mask."""
+    t5 = encoder.t5
+    prompt = "A red circle. A blue square on the right; a green star."
+    ids = t5.tokenizer(prompt)["input_ids"]
+    assert ids[-1] == t5.tokenizer.eos_token_id
+    padded = torch.tensor([ids + [t5.tokenizer.pad_token_id] * (240 - len(ids))])
+    with torch.no_grad():
+        expected = t5.encoder(input_ids=padded).last_hidden_state
+        ours, _ = t5([prompt])
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
 
 
 def test_t5_attention_mask_flag_changes_output(tiny_models):

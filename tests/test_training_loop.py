@@ -576,3 +576,17 @@ def test_a_resume_on_other_models_is_refused_and_changed_flags_are_named(tmp_pat
     }  # fmt: skip
     with pytest.raises(UserError, match="was trained with --seed 0 \\(this run: 1\\)"):
         tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=4, resume_from="latest", seed=1)
+
+
+def test_gradients_are_clipped_to_max_grad_norm_before_the_step(tmp_path, no_final, monkeypatch):
+    norms = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    tiny_loop(tmp_path, lambda parts, batch, generator: (1e3 * parts.unet(torch.ones(1, 3)).sum(), {}), max_train_steps=2, max_grad_norm=0.3)
+    assert len(norms) == 2 and all(0.3 * 0.99 < n <= 0.3 * (1 + 1e-4) for n in norms), norms  # the raw norm is ~1e3
