@@ -231,6 +231,13 @@ class SegmentCLIPEncoder(nn.Module):
         return self.text_encoder(input_ids.to(self.pad_embedding.device)).last_hidden_state
 
     def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list[PromptReport]]:
+        """Prompts (B) -> CLIP branch (B, token_length, D) and a report per prompt (METHOD.md §1).
+
+        Each segment is encoded alone as `<sot> content <eot>`; its rows kept in the context are
+        `<sot>` + content (`len(sequence) - 1`: the `<eot>` row is dropped, every segment's `<sot>`
+        kept), concatenated in order up to `token_length` and padded with `<pad*>`. All segments
+        of the batch that reach the context go through CLIP as one batch; those past the cut skip it.
+        """
         segments_per_prompt = [self.split(prompt) for prompt in prompts]
         flat = [segment for segments in segments_per_prompt for segment in segments]
         sequences, content_counts = self.tokenize_segments(flat)
@@ -324,6 +331,9 @@ class T5PromptEncoder(nn.Module):
         self.truncation_warnings = TruncationWarnings()
 
     def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Prompts (B) -> T5 hidden states (B, token_length, 1024 for T5-large) and, per prompt,
+        (tokens with `</s>`, tokens cut): the whole prompt padded (or cut) to `token_length`, without
+        an attention mask unless `use_attention_mask` (METHOD.md §2: as the released models were trained)."""
         counts = [len(ids) for ids in self.tokenizer(list(prompts), verbose=False)["input_ids"]]
         batch = self.tokenizer(
             list(prompts), padding="max_length", max_length=self.token_length, truncation=True, return_tensors="pt"
