@@ -737,6 +737,60 @@ def expected_steps(args: TrainingArguments, global_step: int, sampler: Resumable
     return global_step + max(math.ceil(left / args.gradient_accumulation_steps), 0)
 
 
+@dataclass
+class MicroStep:
+    """What one micro-step of the loop did (`micro_step`); every rank holds the same flags."""
+
+    usable: bool  # every rank's batch had usable rows, so the loss ran
+    finite_loss: bool = False  # ... and it was finite on every rank (then it was backpropagated)
+    finite_grads: bool = True  # False: the window's (all-reduced) gradients were not finite, no step
+    stepped: bool = False  # the optimizer stepped (the end of an accumulation window, all finite)
+    loss: float | None = None
+    logs: dict[str, float] = field(default_factory=dict)
+    grad_norm: float | None = None  # at a window's end: the norm before clipping
+    lr: float | None = None  # the LR the optimizer step used
+
+
+def micro_step(
+    accelerator: Accelerator, args: TrainingArguments, stage: Stage, batch: dict, generator: torch.Generator,
+    usable: bool, params: list[nn.Parameter], optimizer: Any, lr_scheduler: Any,
+) -> MicroStep:  # fmt: skip
+    """One micro-step: the stage's loss, backward and, at the end of an accumulation window, gradient
+    clipping to `--max_grad_norm`, the AdamW step and the LR schedule's step (METHOD.md §5 "Common").
+
+    `usable` (every rank's batch has rows) is decided before the loss by the caller, because a loss
+    can make collective calls (the reward stages' common direction) that every rank must join. A
+    loss that is not finite on some rank is skipped on all: no backward, and its graph is freed
+    before the next forward. fp16: the grad scaler skips an overflow itself, which then counts as
+    no optimizer step, as a non-finite bf16/fp32 gradient norm does.
+    """
+    outcome = MicroStep(usable)
+    with accelerator.accumulate(*stage.trainable.values()):
+        loss, logs = stage.loss_fn(stage.parts, batch, generator) if usable else (None, {})
+        outcome.finite_loss = usable and every_rank(accelerator, bool(torch.isfinite(loss.detach())))
+        if outcome.finite_loss:
+            accelerator.backward(loss)
+            outcome.loss = loss.detach().float().item()
+            outcome.logs = {key: float(value) for key, value in logs.items()}
+            if accelerator.sync_gradients:  # (earlier micro-steps' optimizer.step is a no-op anyway)
+                grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                outcome.grad_norm = float(grad_norm)  # of the all-reduced gradients: every rank decides alike
+                if accelerator.scaler is not None:
+                    optimizer.step()
+                    outcome.finite_grads = not optimizer.step_was_skipped
+                else:
+                    outcome.finite_grads = bool(torch.isfinite(grad_norm))
+                    if outcome.finite_grads:
+                        optimizer.step()
+                if outcome.finite_grads:
+                    outcome.stepped = True
+                    outcome.lr = lr_scheduler.get_last_lr()[0]
+                    lr_scheduler.step()
+        del loss, logs  # a skipped loss's graph goes before the next forward
+        optimizer.zero_grad(set_to_none=True)  # at the window's end only, as accelerate does
+    return outcome
+
+
 def run_training(model_args: ModelArguments, args: TrainingArguments, accelerator: Accelerator, stage: Stage, dataset) -> Path:
     """Train `stage` on `dataset` (items from `longalign.data`): the loop every stage shares.
 
@@ -799,41 +853,19 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
             seed = step_seed(args.seed, state["micro_step"], accelerator.process_index)
             torch.manual_seed(seed)  # LoRA / adapter dropout
             generator = torch.Generator().manual_seed(seed)
-            with accelerator.accumulate(*prepared_modules):
-                # Every row of a batch can be bad (skipped). All ranks step together or all skip, and
-                # they decide before the loss: a loss can make collective calls (the reward stages'
-                # common direction), which every rank must join.
-                all_rows = bool(counts[:, 0].min() > 0)
-                loss, logs = stage.loss_fn(parts, batch, generator) if all_rows else (None, {})
-                all_finite = all_rows and every_rank(accelerator, bool(torch.isfinite(loss.detach())))
-                if not all_finite:
-                    loss = logs = None  # frees a skipped loss's graph before the next forward
-                grad_norm, finite_grads = None, True
-                if all_rows and all_finite:
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:  # (earlier micro-steps' optimizer.step is a no-op anyway)
-                        grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                        # The norm is of the all-reduced gradients, so every rank decides alike.
-                        if accelerator.scaler is not None:  # fp16: the scaler skips an overflow itself
-                            optimizer.step()  # (and lowers its scale), which is then no optimizer step
-                            finite_grads = not optimizer.step_was_skipped
-                        elif finite_grads := bool(torch.isfinite(grad_norm)):
-                            optimizer.step()
-                        if finite_grads:
-                            step_lr = lr_scheduler.get_last_lr()[0]  # the LR this step used
-                            lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)  # at the window's end only, as accelerate does
+            usable = bool(counts[:, 0].min() > 0)  # every row of a batch can be bad (skipped)
+            done = micro_step(accelerator, args, stage, batch, generator, usable, params, optimizer, lr_scheduler)
             state["micro_step"] += 1
-            if all_rows and all_finite:
+            if done.finite_loss:
                 counted += 1
-                for key, value in {"loss": loss.detach().float().item(), **logs}.items():
-                    running[key] = running.get(key, 0.0) + float(value)
-            elif not all_rows:
+                for key, value in {"loss": done.loss, **done.logs}.items():
+                    running[key] = running.get(key, 0.0) + value
+            elif not done.usable:
                 logger.warning("micro-step %d skipped: a batch had no usable rows", state["micro_step"])
             else:
                 logger.warning("non-finite loss at micro-step %d: skipped", state["micro_step"])
-            if all_rows and not (all_finite and finite_grads):
-                if all_finite:
+            if done.usable and not (done.finite_loss and done.finite_grads):
+                if done.finite_loss:
                     logger.warning("non-finite gradient at micro-step %d: skipped", state["micro_step"])
                 state["nonfinite_in_a_row"] += 1  # since the last optimizer step
                 if state["nonfinite_in_a_row"] >= args.max_nonfinite_steps:
@@ -843,7 +875,7 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
                     )
             if not accelerator.sync_gradients:
                 continue
-            if not (all_rows and all_finite and finite_grads):
+            if not done.stepped:
                 # No update: the window's gradients are dropped and the step is not counted, so
                 # global_step, the LR schedule and the checkpoints count optimizer steps only.
                 logger.warning("no optimizer step at micro-step %d: its window's gradients are dropped", state["micro_step"])
@@ -860,9 +892,8 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
             state["global_step"] += 1
             step = state["global_step"]
             logged = {key: value / max(counted, 1) for key, value in running.items()}
-            logged["lr"] = step_lr
-            if grad_norm is not None:
-                logged["grad_norm"] = float(grad_norm)
+            logged["lr"] = done.lr
+            logged["grad_norm"] = done.grad_norm
             running, counted = {}, 0
             accelerator.log(logged, step=step)
             progress.update(1)
