@@ -3,20 +3,21 @@
 #   bash bench/gpu_table.sh [SECONDS] [bench/run.py flags ...]
 # Installs the wheels of bench/device_wheels.sh from .whl/ when they were carried, checks in seconds
 # that every import the table needs works (exit 3 if not: nothing is measured), records the GPU,
-# then runs `bench/run.py --size sd15 --stage all --gpu-table` (or the flags given) under a limit of
-# SECONDS (default 540); no measurement starts in the last 150 s of it (--deadline-s), so the
-# longest row still ends inside the limit. Rows run in order of priority (each stage's own row,
-# the 77-token and encoder comparisons, then all-50 backprop, then the align ablations). Into $OUT
-# (default bench/gpu_out): results.json (rewritten after every row, so a run the limit cuts off
-# keeps what it measured), preflight.txt, log.txt, gpu.txt and table.md. Exit 0 when every row ran
-# or was skipped by the deadline, 1 if a row failed, 3 if the preflight failed, 4 if cut off.
+# then runs `bench/run.py --size sd15 --stage all --gpu-table` (or the flags given) in what is left
+# of SECONDS (default 540), counted from the script's start. With the default flags no measurement
+# starts in the last 45 s (--deadline-s), nor the long all-50 row in the last 195 s, so each row
+# ends inside the limit. Rows run in order of priority (each stage's own row, the 77-token and
+# encoder comparisons, then all-50 backprop, then the align ablations). Into $OUT (default
+# bench/gpu_out): results.json (rewritten after every row, so a run the limit cuts off keeps what it
+# measured), preflight.txt, log.txt, gpu.txt and table.md. Exit status: 0 when every row ran or was
+# skipped by the deadline, 1 if the wheels did not install or a row failed, 2 for bad run.py flags,
+# 3 if the preflight failed, 4 if cut off by the limit.
 # Launcher settings: WHEELS (default .whl) is the wheel folder; PYTHON (default python3) the interpreter.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 limit="${1:-540}"
 [ $# -gt 0 ] && shift
 flags=("$@")
-[ ${#flags[@]} -gt 0 ] || flags=(--size sd15 --stage all --gpu-table --deadline-s "$((limit > 300 ? limit - 150 : limit / 2))")
 out="${OUT:-bench/gpu_out}"
 wheels="${WHEELS:-.whl}"
 python="${PYTHON:-python3}"
@@ -44,12 +45,15 @@ then
     exit 3
 fi
 cat "$out/preflight.txt"
+left=$((limit - SECONDS))  # the install and the preflight came out of the limit
+[ ${#flags[@]} -gt 0 ] || flags=(--size sd15 --stage all --gpu-table --deadline-s "$((left > 90 ? left - 45 : left / 2))")
 timeout 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$out/gpu.txt" 2>&1 \
     || echo "no nvidia-smi" >"$out/gpu.txt"
-timeout "$limit" "$python" bench/run.py "${flags[@]}" --out "$out/results.json" 2>&1 | tee "$out/log.txt"
+left=$((limit - SECONDS))
+timeout "$((left > 1 ? left : 1))" "$python" bench/run.py "${flags[@]}" --out "$out/results.json" 2>&1 | tee "$out/log.txt"
 status=${PIPESTATUS[0]}
 if [ "$status" -eq 124 ]; then
-    echo "cut off after $limit s: table.md holds the rows measured so far"
+    echo "cut off at the $limit s limit: table.md holds the rows measured before it, if any"
     status=4
 fi
 "$python" bench/run.py --table "$out/results.json" >"$out/table.md" 2>&1 || true

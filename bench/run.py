@@ -6,17 +6,19 @@
     python bench/run.py --size sd15 --stage align --device cpu --resolution 64 --batch-size 1 --steps 1 --warmup 0
 
 Each stage's real step is timed: parts from `longalign.training.load_stage_parts` (on random-weight
-models written in the hub layout by `bench/models.py`), the stage script's own loss function
-(`align_loss`, `lcm_loss`, `reward_loss`), `accelerator.backward`, gradient clipping and the AdamW
-step, exactly as `run_training` does per micro-step (data loading excluded: it runs in DataLoader
-workers beside the step). Mixed precision is the training default (bf16 on a GPU through
+models written in the hub layout by `bench/models.py`) and the loop's own `micro_step`: the stage
+script's loss function (`align_loss`, `lcm_loss`, `reward_loss`), `accelerator.backward`, gradient
+clipping and the AdamW step, as `run_training` runs them (data loading excluded: it runs in
+DataLoader workers beside the step). Mixed precision is the training default (bf16 on a GPU through
 accelerate, fp32 on a CPU); attention is PyTorch SDPA (diffusers' default processor).
 
 Per measurement: median and min step time over `--steps` timed steps after `--warmup` steps,
-samples/s, peak memory (CUDA max allocated on a GPU, peak RSS on a CPU), UNet and total FLOPs per
-step (`torch.utils.flop_counter.FlopCounterMode`, counted on the first warm-up step, backward and
-checkpoint recomputation included) and, on a known GPU, the UNet's model FLOPs utilisation against
-the card's dense bf16 peak. Comparisons (each a ratio): the 480-token long-prompt context vs SD's
+samples/s, peak memory (CUDA max allocated on a GPU, and the allocator's peak reserved; peak RSS on
+a CPU), UNet and total FLOPs per step (`torch.utils.flop_counter.FlopCounterMode` on one extra,
+untimed step before the warm-up, backward and checkpoint recomputation included; only on the rows
+whose FLOPs differ: not on ablations that change no op, nor on the all-50 row without
+checkpointing) and, on a known GPU, the UNet's model FLOPs utilisation against the card's dense
+bf16 peak. Comparisons (each a ratio): the 480-token long-prompt context vs SD's
 standard 77-token context; truncated backprop (5 of 50 rollout steps) vs all 50; LCM 4-step vs
 UniPC 25-step sampling with CFG; the share of an align step spent in the frozen encoders; the
 align step with one LoRA cost removed or one lever applied (`ALIGN_ABLATIONS`: LoRA dropout, peft's
@@ -24,8 +26,9 @@ fp32 cast of each LoRA input, the LoRA itself, channels-last, autocast), to isol
 goes.
 
 Every measurement is guarded: an out-of-memory or any other error is recorded as the result and the
-run goes on. The JSON file (`--out`) is rewritten after every measurement; a markdown table is
-printed at the end.
+run goes on; past `--deadline-s` no measurement starts (`skipped_time`). Each stage's own rows come
+first, the long comparisons (all 50 steps with gradient, the align ablations) last. The JSON file
+(`--out`) is rewritten after every measurement; a markdown table is printed at the end.
 """
 
 from __future__ import annotations
@@ -373,8 +376,9 @@ class Options:
     deadline: float | None = None  # time.monotonic() after which no measurement starts (--deadline-s)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def out_of_time(self) -> bool:
-        return self.deadline is not None and time.monotonic() > self.deadline
+    def out_of_time(self, margin_s: float = 0.0) -> bool:
+        """Past the deadline, or within `margin_s` of it (for a row that takes that long)."""
+        return self.deadline is not None and time.monotonic() >= self.deadline - margin_s
 
 
 # ------------------------------------------------------------------------ stage contexts
@@ -454,31 +458,29 @@ class StageBench:
         script = {"align": "train_align", "lcm": "train_lcm"}.get(stage, "train_reward")
         self.stage_spec = importlib.import_module(script).build_stage(self.model_args, args, self.accelerator)
         self.parts = self.stage_spec.parts
-        self.loss_fn = self.stage_spec.loss_fn
-        self.params, self.optimizer, _ = prepare_optimization(self.accelerator, args, self.stage_spec)
+        self.params, self.optimizer, self.lr_scheduler = prepare_optimization(self.accelerator, args, self.stage_spec)
         synchronize(device)
         self.load_seconds = time.perf_counter() - started
 
-    def step(self, batch: dict[str, Any], seed: int) -> float:
-        """One micro-step of `run_training`: loss, finite check, backward, clip, AdamW step, zero grads."""
+    def step(self, batch: dict[str, Any], seed: int) -> float | None:
+        """One micro-step of `run_training`, by its own `micro_step`: loss, finite check on every rank,
+        backward, gradient clipping, AdamW and LR steps, zero grads."""
+        from longalign.training import micro_step
+
         torch.manual_seed(seed)  # LoRA / adapter dropout
         generator = torch.Generator().manual_seed(seed)
-        loss, _ = self.loss_fn(self.parts, batch, generator)
-        torch.isfinite(loss.detach()).item()  # the loop's finite check (a device sync, as in training)
-        self.accelerator.backward(loss)
-        self.accelerator.clip_grad_norm_(self.params, self.args.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach().float().item())
+        done = micro_step(self.accelerator, self.args, self.stage_spec, batch, generator, True, self.params, self.optimizer, self.lr_scheduler)
+        return done.loss
 
     def close(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         self.accelerator.free_memory()
-        self.stage_spec = self.parts = self.optimizer = self.params = self.loss_fn = None
+        self.stage_spec = self.parts = self.optimizer = self.params = self.lr_scheduler = None
         release_memory(self.options.device)
 
 
 RECOMPUTED = "FLOPs include the recomputed forward of each checkpointed UNet call: MFU here is hardware FLOPs utilisation"
+LONG_ROW_S = 150  # about how long the checkpointed all-50 row takes on an H200 (FLOP-counted step + 3 steps)
 LATER_COMPARISONS = {"reward": "gradient through all rollout steps", "align": "align ablations"}  # in this order
 
 # Comparison 5: the align step with one cost removed or one lever applied, to isolate where its time
@@ -627,10 +629,11 @@ def measure(
     return record
 
 
-def guarded(name: str, body: Callable[[], dict[str, Any]], options: Options) -> dict[str, Any]:
+def guarded(name: str, body: Callable[[], dict[str, Any]], options: Options, takes_s: float = 0.0) -> dict[str, Any]:
     """Run a measurement; an OOM or any other error becomes the result instead of a crash. Past
-    `--deadline-s` the measurement is not started and `skipped_time` is the result."""
-    if options.out_of_time():
+    `--deadline-s`, or within `takes_s` (about how long the row runs) of it, the measurement is not
+    started and `skipped_time` is the result."""
+    if options.out_of_time(takes_s):
         print(f"  {name}: skipped: past --deadline-s", flush=True)
         return {"status": "skipped_time", "note": "not started: past --deadline-s"}
     try:
@@ -756,7 +759,7 @@ class Runner:
         priority = list(LATER_COMPARISONS)
         for stage, reference, size, warmup, steps in sorted(self.later, key=lambda item: priority.index(item[0])):
             print(f"[{stage}: {LATER_COMPARISONS[stage]}]", flush=True)
-            if options.out_of_time():
+            if options.out_of_time(LONG_ROW_S if stage == "reward" else 0.0):
                 note = f"{LATER_COMPARISONS[stage]} not started: past --deadline-s"
                 self.recorder.add("comparisons", {"name": f"{reference}_later", "status": "skipped_time", "note": note})
                 print(f"  {note}", flush=True)
@@ -880,7 +883,7 @@ class Runner:
         from longalign.diffusion import RolloutSettings
 
         options = self.options
-        original = bench.loss_fn
+        original = bench.stage_spec.loss_fn
         for suffix, checkpointing, label in (
             ("all50", True, f"reward step with grad through all {options.reward_steps} steps (each UNet call checkpointed)"),
             ("all50_nockpt", False, f"reward step with grad through all {options.reward_steps} steps, no checkpointing"),
@@ -893,16 +896,16 @@ class Runner:
                     **rollout_flags(options.reward_steps), guidance_scale=bench.args.guidance_scale, grad_all_steps=True,
                     checkpoint_grad_steps=checkpointing,
                 )  # fmt: skip
-                bench.loss_fn = functools.partial(original, settings=settings)  # the stage's loss, this rollout
+                bench.stage_spec.loss_fn = functools.partial(original, settings=settings)  # the stage's loss, this rollout
                 batch = make_batch("reward", size, options.resolution, options.seed)
                 # FLOPs of the checkpointed row only: counting costs a minute of CPU here, and the other runs out of memory
                 counted = dataclasses.replace(options, count_flops=options.count_flops and checkpointing)
                 return measure(name, lambda seed: bench.step(batch, seed), size, 1, min(steps, 2), counted)
 
             try:
-                record.update(guarded(name, body, options))
+                record.update(guarded(name, body, options, LONG_ROW_S if checkpointing else 0.0))
             finally:
-                bench.loss_fn = original
+                bench.stage_spec.loss_fn = original
                 bench.optimizer.zero_grad(set_to_none=True)
                 release_memory(options.device)
             self.record(record)
@@ -1180,8 +1183,8 @@ def main(argv: list[str] | None = None) -> int:
             "deadline_s": ns.deadline_s,
             "reward_rollout_steps": options.reward_steps,
             "peak_bf16_tflops": options.peak_tflops, "peak_card": options.extra.get("peak_label"), "peak_source": PEAK_SOURCE,
-            "flops": "torch.utils.flop_counter.FlopCounterMode on one untimed step before the warm-up: forward + backward + checkpoint recomputation",
-            "step": "loss_fn + accelerator.backward + clip_grad_norm_ + AdamW step (one micro-step of run_training; data loading excluded)",
+            "flops": "torch.utils.flop_counter.FlopCounterMode on one untimed step before the warm-up: forward + backward + checkpoint recomputation (rows whose FLOPs differ)",
+            "step": "longalign.training.micro_step: loss_fn + accelerator.backward + clip_grad_norm_ + AdamW step (data loading excluded)",
         },
         "results": [],
         "comparisons": [],

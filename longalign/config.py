@@ -127,7 +127,7 @@ class TrainingArguments(DataSettings):
     )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing run in --output_dir"})
     mixed_precision: str = field(default="bf16", metadata={"help": "no, fp16 or bf16 (frozen weights in this dtype, LoRA in fp32)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute UNet activations in backward (less memory; align, lcm: the reward stages checkpoint their rollout's gradient steps)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute UNet activations in backward (less memory, more time)"})
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb or none"})
     seed: int = field(default=0, metadata={"help": "seed of LoRA init, noise, timesteps, dropout and data order"})
     validation_steps: int = field(default=500, metadata={"help": "generate validation images every N optimizer steps (0: only at the end)"})
@@ -220,7 +220,14 @@ class RewardArguments(TrainingArguments, RewardConfig):
 
     train_batch_size: int = field(default=8, metadata={"help": "batch size per process"})
     gradient_accumulation_steps: int | None = field(
-        default=None, metadata={"help": "micro-batches per optimizer step (default: 1 for reward, 2 for reward_lcm)"}
+        default=None, metadata={"help": "micro-batches per optimizer step (None: 1 for reward, 2 for reward_lcm)"}
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={
+            "help": "also checkpoint inside the UNet: less memory, but each gradient step's forward runs three "
+            "times (the rollout checkpoints those calls already)"
+        },
     )
     num_train_epochs: int = field(default=1, metadata={"help": "epochs, unless --max_train_steps is given"})
     rollout: str = field(default="ddim_cfg", metadata={"help": "ddim_cfg (stage reward) or lcm (stage reward_lcm)"})
@@ -240,9 +247,9 @@ class RewardArguments(TrainingArguments, RewardConfig):
         TrainingArguments.__post_init__(self)
         RewardConfig.__post_init__(self)  # not reached through super(): DataSettings ends that chain
         if self.gradient_checkpointing:
-            raise UserError(
-                "--gradient_checkpointing: the reward rollout already checkpoints each UNet call that carries "
-                "gradient; checkpointing the UNet inside it as well would recompute each forward twice"
+            logger.warning(
+                "--gradient_checkpointing in a reward stage: the rollout already checkpoints each UNet call with "
+                "gradient, so each such forward now runs three times; use it only to save more memory"
             )
         if self.rollout == "lcm":
             given = [f"--{name}" for name in ("guidance_scale", "rollout_steps", "grad_steps", "grad_stride")
@@ -252,7 +259,10 @@ class RewardArguments(TrainingArguments, RewardConfig):
         self.rollout_settings()  # grad steps that do not fit the rollout fail here
 
     def rollout_settings(self) -> RolloutSettings:
-        """The differentiable rollout's settings from these flags (the released recipe by default)."""
+        """The differentiable rollout's settings from these flags (the released recipe by default);
+        with `--rollout lcm`, which has none of the DDIM flags, the defaults."""
+        if self.rollout == "lcm":
+            return RolloutSettings()
         return RolloutSettings(
             rollout_steps=self.rollout_steps, guidance_scale=self.guidance_scale,
             grad_steps=self.grad_steps, grad_stride=self.grad_stride,

@@ -302,13 +302,14 @@ def check_optimizer_settings(checkpoint: Path, args: TrainingArguments) -> None:
             )
 
 
-# Training flags that may change on a resume (where and how long the run goes, how it is batched),
-# and those that must not (the data order and what trains).
+# Training flags that may change on a resume without a word (where and how long the run goes, what
+# it logs, memory), and those that must not (the data order and what trains). Any other change, e.g.
+# the batch size or accumulation (the global batch from here on), is named in a warning.
 RESUMABLE_FLAGS = frozenset({
     "output_dir", "resume_from", "overwrite", "max_train_steps", "num_train_epochs", "checkpointing_steps",
     "checkpoints_total_limit", "validation_steps", "validation_prompts", "report_to", "dataloader_num_workers",
     "cpu", "max_nonfinite_steps", "max_bad_fraction", "min_rows_before_check", "warn_every_rows", "image_root",
-    "cache_dir", "dataset", "train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing",
+    "cache_dir", "dataset", "gradient_checkpointing",
 })  # fmt: skip
 FIXED_FLAGS = frozenset({"seed", "max_rows", "lora_rank", "train_adapter", "rollout"})
 

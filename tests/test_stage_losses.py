@@ -172,3 +172,17 @@ def test_reward_loss_scores_the_decoded_last_x0_in_0_1(tmp_path, tiny_models, mo
     with torch.no_grad():
         expected = ((vae.decode(seen["x0"] / vae.config.scaling_factor).sample + 1) / 2).clamp(0, 1)
     torch.testing.assert_close(seen["images"].detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_reward_stage_runs_the_rollout_its_flags_set(tmp_path, tiny_models, model_args):
+    """--rollout_steps / --grad_steps / --grad_stride reach the rollout the stage's loss runs."""
+    args = RewardArguments(
+        **common(tmp_path), reward_model=str(tiny_models["preference"]), resolution=32, rollout_steps=10, grad_steps=2, grad_stride=5
+    )  # fmt: skip
+    stage = train_reward.build_stage(model_args, args, make_accelerator(args))
+    calls = record_unet_calls(stage.parts.unet)
+    loss, _ = stage.loss_fn(stage.parts, {"caption": ["A red circle.", "A dog."]}, torch.Generator().manual_seed(0))
+    assert loss.requires_grad
+    assert [int(call["timesteps"][0]) for call in calls] == list(range(999, 0, -100))  # 10 DDIM steps
+    grad = [index for index, call in enumerate(calls) if call["grad"]]
+    assert len(grad) == 2 and grad[1] - grad[0] == 5 and grad[0] < 5

@@ -388,7 +388,9 @@ def test_ddim_rollout_flags_with_the_lcm_rollout_warn(caplog):
         RewardArguments(rollout="lcm", guidance_scale=3.0, grad_steps=2)
         RewardArguments(rollout="lcm")  # the default: nothing to say
         RewardArguments(guidance_scale=3.0, grad_steps=2)  # ddim_cfg uses them
+        RewardArguments(gradient_checkpointing=True)  # on top of the rollout's own: a third forward
     assert caplog.text.count("--guidance_scale, --grad_steps: no effect with --rollout lcm") == 1
+    assert caplog.text.count("each such forward now runs three times") == 1
 
 
 def test_reward_stage_flags():
@@ -404,8 +406,7 @@ def test_reward_stage_flags():
         RewardArguments(rollout="ddpm")
     with pytest.raises(UserError, match="exceeds --rollout_steps 20"):
         RewardArguments(rollout_steps=20, grad_stride=10)
-    with pytest.raises(UserError, match="already checkpoints each UNet call"):
-        RewardArguments(gradient_checkpointing=True)
+    assert RewardArguments(rollout="lcm", rollout_steps=30).rollout_settings() == RolloutSettings()  # warned: no effect
 
 
 @pytest.mark.parametrize(
@@ -570,9 +571,10 @@ def test_a_resume_on_other_models_is_refused_and_changed_flags_are_named(tmp_pat
     assert refused == ["--init_from [] (this run: ['runs/lcm-x/final'])"]
     assert resumed_differences(checkpoint, ModelArguments(token_length=120), args)["refused"][0].startswith("--token_length 240")
     assert resumed_differences(checkpoint, ModelArguments(), args) == {"refused": [], "changed": []}  # only a longer run
-    args.caption_dropout, args.seed = 0.2, 1
+    args.caption_dropout, args.seed, args.gradient_accumulation_steps = 0.2, 1, 2
     assert resumed_differences(checkpoint, ModelArguments(), args) == {
-        "refused": ["--seed 0 (this run: 1)"], "changed": ["--caption_dropout 0.1 (this run: 0.2)"],
+        "refused": ["--seed 0 (this run: 1)"],
+        "changed": ["--gradient_accumulation_steps 1 (this run: 2)", "--caption_dropout 0.1 (this run: 0.2)"],
     }  # fmt: skip
     with pytest.raises(UserError, match="was trained with --seed 0 \\(this run: 1\\)"):
         tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=4, resume_from="latest", seed=1)
