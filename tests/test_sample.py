@@ -50,7 +50,13 @@ def model_flags(tiny_models, *init_from):
     return flags + (["--init_from", *map(str, init_from)] if init_from else [])
 
 
-def run_sample(argv, cwd):
+def run_sample(argv, cwd, capsys=None):
+    """sample.py with `argv`: its printed output. As a subprocess (the real command line), or, given
+    pytest's `capsys`, in this process (seconds cheaper: no imports)."""
+    if capsys is not None:
+        sample.main(argv)
+        captured = capsys.readouterr()
+        return captured.out + captured.err
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, str(ROOT / "sample.py"), *argv], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
@@ -60,13 +66,13 @@ def run_sample(argv, cwd):
 
 
 @pytest.mark.parametrize("sampler", ["unipc", "lcm"])
-def test_both_samplers_write_pngs_and_sidecars(tiny_models, loras, tmp_path, sampler):
+def test_both_samplers_write_pngs_and_sidecars(tiny_models, loras, tmp_path, sampler, capsys):
     argv = [
         *model_flags(tiny_models, loras / "align", loras / "reward_list.pt"), "--sampler", sampler, "--prompt", LONG_PROMPT,
         "--height", "64", "--width", "64", "--num_images", "2", "--seed", "7",
     ]  # fmt: skip
-    run_sample([*argv, "--out", str(tmp_path / "a")], tmp_path)
-    run_sample([*argv, "--out", str(tmp_path / "b")], tmp_path)
+    run_sample([*argv, "--out", str(tmp_path / "a")], tmp_path)  # the command line
+    run_sample([*argv, "--out", str(tmp_path / "b")], tmp_path, capsys)  # in-process: the same images
     for k in range(2):
         sidecar = json.loads((tmp_path / "a" / f"0000_0{k}.json").read_text())
         assert sidecar["prompt"] == LONG_PROMPT and sidecar["seed"] == 7 + k and sidecar["sampler"] == sampler
@@ -83,11 +89,11 @@ def test_both_samplers_write_pngs_and_sidecars(tiny_models, loras, tmp_path, sam
     assert np.abs(first - second).sum() > 0  # seed + k differs
 
 
-def test_loras_change_the_images(tiny_models, loras, tmp_path):
+def test_loras_change_the_images(tiny_models, loras, tmp_path, capsys):
     common = [*model_flags(tiny_models), "--sampler", "lcm", "--prompt", "a red circle", "--height", "64", "--width", "64"]
-    output = run_sample([*common, "--out", str(tmp_path / "plain")], tmp_path)
+    output = run_sample([*common, "--out", str(tmp_path / "plain")], tmp_path, capsys)
     assert "no --init_from: SD1.5 with the adapter" in output  # --adapter alone drops LongSD's LoRAs: say so
-    run_sample([*common, "--init_from", str(loras / "align"), "--out", str(tmp_path / "lora")], tmp_path)
+    run_sample([*common, "--init_from", str(loras / "align"), "--out", str(tmp_path / "lora")], tmp_path, capsys)
     plain = np.asarray(Image.open(tmp_path / "plain" / "0000_00.png")).astype(int)
     with_lora = np.asarray(Image.open(tmp_path / "lora" / "0000_00.png")).astype(int)
     assert np.abs(plain - with_lora).sum() > 0
@@ -113,16 +119,16 @@ def test_a_stage_trained_with_other_encoder_settings_is_named(tiny_models, loras
     assert not lacks_lcm_stage([str(stage), str(loras / "reward_list.pt")])  # of unknown kind: may be an LCM-LoRA
 
 
-def test_empty_prompt_is_unconditional_generation(tiny_models, tmp_path):
-    out = run_sample([*model_flags(tiny_models), "--prompt", "", "--sampler", "lcm", "--height", "64", "--width", "64", "--out", str(tmp_path)], tmp_path)
+def test_empty_prompt_is_unconditional_generation(tiny_models, tmp_path, capsys):
+    out = run_sample([*model_flags(tiny_models), "--prompt", "", "--sampler", "lcm", "--height", "64", "--width", "64", "--out", str(tmp_path)], tmp_path, capsys)
     assert "empty: unconditional generation" in out
     assert json.loads((tmp_path / "0000_00.json").read_text())["encoding_report"]["segments"] == 1
 
 
-def test_prompt_file_one_prompt_per_line(tiny_models, tmp_path):
+def test_prompt_file_one_prompt_per_line(tiny_models, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square. On the left.\n", encoding="utf-8")
-    run_sample([*model_flags(tiny_models), "--prompt_file", str(prompts), "--sampler", "lcm", "--height", "64", "--width", "64", "--out", str(tmp_path / "o")], tmp_path)
+    run_sample([*model_flags(tiny_models), "--prompt_file", str(prompts), "--sampler", "lcm", "--height", "64", "--width", "64", "--out", str(tmp_path / "o")], tmp_path, capsys)
     assert sorted(p.name for p in (tmp_path / "o").glob("*.png")) == ["0000_00.png", "0001_00.png"]
     assert json.loads((tmp_path / "o" / "0001_00.json").read_text())["prompt"] == "a blue square. On the left."
 
@@ -133,7 +139,7 @@ def test_rerun_resumes_and_batching_keeps_each_seed(tiny_models, tmp_path, capsy
     common = [*model_flags(tiny_models), "--prompt_file", str(prompts), "--sampler", "lcm", "--height", "64", "--width", "64", "--num_images", "2"]
     one, batched = tmp_path / "one", tmp_path / "batched"
     run_sample([*common, "--out", str(one)], tmp_path)
-    run_sample([*common, "--batch_size", "4", "--out", str(batched)], tmp_path)
+    run_sample([*common, "--batch_size", "4", "--out", str(batched)], tmp_path, capsys)
     names = sorted(p.name for p in one.glob("*.png"))
     assert len(names) == 6 and names == sorted(p.name for p in batched.glob("*.png"))
     for name in names:  # the same seed per image in a batch of 4 as one at a time (up to float rounding)
@@ -143,15 +149,15 @@ def test_rerun_resumes_and_batching_keeps_each_seed(tiny_models, tmp_path, capsy
     # A run cut off after an image's PNG but before its sidecar: the rerun makes only that image again.
     (batched / "0001_01.json").unlink()
     kept = (batched / "0000_00.png").stat().st_mtime_ns
-    out = run_sample([*common, "--batch_size", "4", "--out", str(batched)], tmp_path)
+    out = run_sample([*common, "--batch_size", "4", "--out", str(batched)], tmp_path, capsys)
     assert "5 of 6 image(s) already in" in out and "wrote 1 image(s)" in out
     assert (batched / "0001_01.json").exists() and (batched / "0000_00.png").stat().st_mtime_ns == kept
     # Other settings into the same folder: refused (nothing overwritten) unless --overwrite.
     expect_user_error([*common, "--steps", "2", "--out", str(batched)], capsys, "steps", "--overwrite")
     assert json.loads((batched / "0000_00.json").read_text())["steps"] == 4
-    run_sample([*common, "--steps", "2", "--overwrite", "--out", str(batched)], tmp_path)
+    run_sample([*common, "--steps", "2", "--overwrite", "--out", str(batched)], tmp_path, capsys)
     assert {json.loads(p.read_text())["steps"] for p in batched.glob("*.json")} == {2}
-    out = run_sample([*common[:-1], "1", "--steps", "2", "--out", str(batched)], tmp_path)  # --num_images 1
+    out = run_sample([*common[:-1], "1", "--steps", "2", "--out", str(batched)], tmp_path)  # --num_images 1, a new process
     assert "3 of 3 image(s) already in" in out and "note: 3 other image(s)" in out
     assert "Loading weights" not in out  # nothing to make: no model was loaded
 
