@@ -10,7 +10,8 @@ models written in the hub layout by `bench/models.py`) and the loop's own `micro
 script's loss function (`align_loss`, `lcm_loss`, `reward_loss`), `accelerator.backward`, gradient
 clipping and the AdamW step, as `run_training` runs them (data loading excluded: it runs in
 DataLoader workers beside the step). Mixed precision is the training default (bf16 on a GPU through
-accelerate, fp32 on a CPU); attention is PyTorch SDPA (diffusers' default processor).
+accelerate, fp32 on a CPU; `--precision bf16` on a CPU runs the GPU's code path, for a check);
+attention is PyTorch SDPA (diffusers' default processor).
 
 Per measurement: median and min step time over `--steps` timed steps after `--warmup` steps,
 samples/s, peak memory (CUDA max allocated on a GPU, and the allocator's peak reserved; peak RSS on
@@ -369,6 +370,7 @@ class Options:
     profile: set[str]
     fit_batch: bool
     peak_tflops: float | None
+    mixed_precision: str = "no"  # "bf16" (the GPU default) or "no" (fp32, the CPU default)
     seed: int = 0
     heavy_warmup: int = 1
     heavy_steps: int = 3
@@ -431,7 +433,7 @@ class StageBench:
         device = options.device
         common = {
             "output_dir": str(workdir / f"run-{stage}"),
-            "mixed_precision": "bf16" if device.type == "cuda" else "no",
+            "mixed_precision": options.mixed_precision,
             "report_to": "none",
             "cpu": device.type != "cuda",
             "resolution": options.resolution,
@@ -669,7 +671,7 @@ class Runner:
         return {
             "name": name, "stage": stage, "variant": variant, "size": options.size, "device": options.device.type,
             "resolution": options.resolution, "batch_size": batch_size,
-            "precision": "bf16 (accelerate autocast, frozen weights bf16, LoRA fp32)" if options.device.type == "cuda" else "fp32",
+            "precision": "bf16 (accelerate autocast, frozen weights bf16, LoRA fp32)" if options.mixed_precision == "bf16" else "fp32",
             "attention": "sdpa", "peak_tflops": options.peak_tflops,
         } | ({"flops_note": RECOMPUTED} if stage in ("reward", "reward_lcm") else {})  # fmt: skip
 
@@ -921,7 +923,7 @@ class Runner:
         options = self.options
         device = options.device
         size = options.batch_sizes["sample"]
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = torch.bfloat16 if options.mixed_precision == "bf16" else torch.float32
         holder: list[LongPromptPipeline] = []
 
         def load() -> None:
@@ -1083,6 +1085,10 @@ def parse_options(argv: list[str] | None) -> tuple[Options | None, argparse.Name
     parser.add_argument("--reward-steps", type=int, default=50, help="DDIM steps of the reward rollout (50 = released; fewer only for smoke runs)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 is steadier on a busy shared CPU)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--precision", choices=("bf16", "no"), default=None,
+        help="mixed precision (default: bf16 on a GPU, fp32 on a CPU; bf16 on a CPU checks the GPU's code path, slowly)",
+    )  # fmt: skip
     parser.add_argument("--table", default=None, metavar="FILE", help="only print the tables of the last run in FILE (e.g. one a time limit cut off)")
     parser.add_argument("--deadline-s", type=float, default=None, help="start no measurement after this many seconds (later rows: skipped_time)")
     ns = parser.parse_args(argv)
@@ -1134,6 +1140,7 @@ def parse_options(argv: list[str] | None) -> tuple[Options | None, argparse.Name
         size=ns.size, stages=stages, device=device, resolution=resolution, batch_sizes=batch_sizes, warmup=warmup,
         steps=steps, compare=not ns.no_compare, count_flops=not ns.no_flops, profile=profile,
         fit_batch=ns.fit_batch or ns.gpu_table, peak_tflops=peak, seed=ns.seed,
+        mixed_precision=ns.precision or ("bf16" if gpu else "no"),
         heavy_warmup=1 if gpu else warmup, heavy_steps=3 if gpu else steps, reward_steps=ns.reward_steps,
         deadline=None if ns.deadline_s is None else time.monotonic() + ns.deadline_s,
         extra={"peak_label": label, "threads": ns.threads},
@@ -1179,6 +1186,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(options.device),
         "settings": {
             "device": str(options.device), "resolution": options.resolution, "batch_sizes": options.batch_sizes,
+            "mixed_precision": options.mixed_precision,
             "warmup": options.warmup, "steps": options.steps, "reward_warmup_steps": [options.heavy_warmup, options.heavy_steps],
             "deadline_s": ns.deadline_s,
             "reward_rollout_steps": options.reward_steps,

@@ -295,3 +295,21 @@ def test_no_measurement_starts_past_the_deadline(tmp_path):
     assert main(flags) == 0
     [record] = json.loads(out.read_text())[-1]["results"]
     assert record["name"] == "lcm" and record["status"] == "skipped_time" and "step_time_median_s" not in record
+
+
+def test_the_gpu_tables_bf16_path_runs_on_this_cpu(tmp_path):
+    """The GPU table runs bf16 under accelerate's autocast, which CI (no GPU) never does otherwise:
+    `--precision bf16` runs that path here, align with its ablations (no_autocast needs autocast)."""
+    out = tmp_path / "results.json"
+    command = [
+        sys.executable, str(ROOT / "bench" / "run.py"), "--size", "tiny", "--stage", "align", "--steps", "1", "--warmup", "0",
+        "--threads", "1", "--device", "cpu", "--precision", "bf16", "--no-flops", "--out", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-3000:]
+    run = json.loads(out.read_text())[-1]
+    assert run["settings"]["mixed_precision"] == "bf16"
+    results = {r["name"]: r for r in run["results"]}
+    assert set(results) == {"align", "align_ctx77", *(f"align_{kind}" for kind in ALIGN_ABLATIONS)}
+    assert all(r["status"] == "ok" for r in results.values()), {n: r.get("error", r.get("note")) for n, r in results.items()}
+    assert results["align"]["precision"].startswith("bf16")
