@@ -2,8 +2,8 @@
 on the tiny models.
 
 The stage tests check that each stage runs and writes its files; these check the recipe itself: a
-recording hook on the UNet sees every call's timesteps, context, gradient mode and LoRA state, and
-a second one its inputs and outputs, from which each loss value is recomputed by hand.
+recording hook on the UNet sees every call's timesteps, context, gradient mode, LoRA state, input
+and output, from which each loss value is recomputed by hand.
 """
 
 import pytest
@@ -30,19 +30,21 @@ def common(tmp_path):
 
 
 def record_unet_calls(unet) -> list[dict]:
-    """Every forward of `unet`: timesteps, context, whether gradients are on and the LoRA is active."""
+    """Every forward of `unet`: timesteps, context, whether gradients are on and the LoRA is active,
+    and its input sample and output (float32 copies)."""
     lora_layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
     calls = []
 
-    def hook(module, args, kwargs):
+    def hook(module, args, kwargs, output):
         calls.append(
             dict(
                 timesteps=torch.as_tensor(args[1]).clone(), context=kwargs["encoder_hidden_states"].detach().clone(),
                 grad=torch.is_grad_enabled(), lora=not lora_layers[0].disable_adapters,
+                sample=args[0].detach().float().clone(), out=output.sample.detach().float().clone(),
             )
         )  # fmt: skip
 
-    unet.register_forward_pre_hook(hook, with_kwargs=True)
+    unet.register_forward_hook(hook, with_kwargs=True)
     return calls
 
 
@@ -87,27 +89,16 @@ def test_align_loss_drops_captions_to_the_empty_prompt_and_trains_the_lora(tmp_p
     assert call["timesteps"].min() >= 0 and call["timesteps"].max() < 1000
 
 
-def record_io(unet) -> list[dict]:
-    """Every forward of `unet`: its input sample, timesteps and output (float32 copies)."""
-    calls = []
-
-    def hook(module, args, kwargs, output):
-        calls.append(dict(sample=args[0].detach().float().clone(), t=torch.as_tensor(args[1]).clone(), out=output.sample.detach().float().clone()))
-
-    unet.register_forward_hook(hook, with_kwargs=True)
-    return calls
-
-
 def test_lcm_loss_is_the_consistency_distance_to_the_guided_teacher_step(tmp_path, model_args, monkeypatch):
     args = LcmArguments(**common(tmp_path))
     stage = train_lcm.build_stage(model_args, args, make_accelerator(args))
     start = torch.tensor([15, 519])  # 15 -> t' = 0, where the target must be x_t' itself (c_skip 1, c_out 0)
     monkeypatch.setattr(train_lcm, "sample_lcm_timesteps", lambda *a, **k: (start, (start - 20).clamp(min=0)))
-    calls = record_io(stage.parts.unet)
+    calls = record_unet_calls(stage.parts.unet)
     loss, _ = stage.loss_fn(stage.parts, batch(["A red circle. A blue square.", "A green star."]), torch.Generator().manual_seed(0))
     student, cond, uncond, target = calls
     alphas = stage.parts.noise_scheduler.alphas_cumprod
-    t, t_prev = student["t"], target["t"]
+    t, t_prev = student["timesteps"], target["timesteps"]
     assert torch.equal(cond["sample"], student["sample"]) and torch.equal(uncond["sample"], student["sample"])
     x_prev = diffusion.lcm_teacher_step(cond["out"], uncond["out"], student["sample"], t, t_prev, alphas, "epsilon", 7.5)
     torch.testing.assert_close(target["sample"], x_prev, rtol=1e-5, atol=1e-6)  # the target starts from the teacher's step
@@ -129,11 +120,11 @@ def test_align_loss_is_mse_to_the_noise_at_uniform_timesteps(tmp_path, model_arg
     ranges = []
     sample_timesteps = train_align.sample_timesteps
     monkeypatch.setattr(train_align, "sample_timesteps", lambda n, g, low, high: ranges.append((low, high)) or sample_timesteps(n, g, low, high))
-    calls = record_io(stage.parts.unet)
+    calls = record_unet_calls(stage.parts.unet)
     loss, logs = stage.loss_fn(stage.parts, batch([f"A red circle number {i}." for i in range(8)]), torch.Generator().manual_seed(0))
     (call,) = calls
     assert ranges == [(0, 1000)] and logs["caption_dropped"] == 0.0
-    alpha = stage.parts.noise_scheduler.alphas_cumprod[call["t"]].view(-1, 1, 1, 1)
+    alpha = stage.parts.noise_scheduler.alphas_cumprod[call["timesteps"]].view(-1, 1, 1, 1)
     noise = (call["sample"] - alpha.sqrt() * latents) / (1 - alpha).sqrt()  # what x_t was noised with
     assert abs(noise.mean()) < 0.1 and 0.9 < noise.std() < 1.1  # standard normal, not the latents
     torch.testing.assert_close(loss.detach(), diffusion.mse(call["out"], noise), rtol=1e-4, atol=1e-6)
