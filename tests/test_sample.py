@@ -163,15 +163,17 @@ def test_rerun_resumes_and_batching_keeps_each_seed(tiny_models, tmp_path, capsy
 
 
 # -------------------------------------------------------------------------------- bad input
-def expect_user_error(argv, capsys, *fragments):
-    """sample.main must exit 2 with one `error:` line naming the problem (no traceback)."""
+def expect_user_error(argv, capsys, *fragments, main=sample.main):
+    """`main` (sample.py's, or a stage script's) must exit 2 with one `error:` line naming the problem
+    (no traceback); returns that line."""
     with pytest.raises(SystemExit) as exit_info:
-        sample.main(argv)
+        main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err and err[-1].startswith("error:"), err
     for fragment in fragments:
         assert fragment in err[-1], err[-1]
+    return err[-1]
 
 
 def small(tiny_models, *init_from):

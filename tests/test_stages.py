@@ -15,6 +15,7 @@ import train_align
 import train_lcm
 from longalign.data import write_tiny_dataset
 from longalign.training import checkpoint_dirs
+from test_sample import expect_user_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,43 +173,30 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_models, dataset):
     assert state["global_step"] == 4 and state["micro_step"] == 8
 
 
-def user_error(main, command: list[str], capsys) -> str:
-    """A stage script's `main` in this process on `command`'s flags (seconds cheaper than a new
-    process): it must exit 2 with a one-line `error:` (no traceback); returns that line."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(command[2:])
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("error:"), error
-    return error
-
-
 def test_resume_without_checkpoint_and_bad_init_from(tmp_path, tiny_models, dataset, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    error = user_error(train_align.main, align_cmd(tiny_models, dataset, tmp_path / "fresh", 2, "--resume_from", "latest"), capsys)
-    assert "no checkpoint" in error
+    # the stage scripts' `main` in this process on the commands' flags: seconds cheaper than a new process
+    expect_user_error(align_cmd(tiny_models, dataset, tmp_path / "fresh", 2, "--resume_from", "latest")[2:], capsys, "no checkpoint", main=train_align.main)
     empty_stage = tmp_path / "empty_stage"
     (empty_stage / "adapter").mkdir(parents=True)
-    error = user_error(train_align.main, align_cmd(tiny_models, dataset, tmp_path / "x", 2, "--init_from", str(empty_stage)), capsys)
-    assert "pytorch_lora_weights.safetensors" in error
+    command = align_cmd(tiny_models, dataset, tmp_path / "x", 2, "--init_from", str(empty_stage))
+    expect_user_error(command[2:], capsys, "pytorch_lora_weights.safetensors", main=train_align.main)
     (tmp_path / "runs").mkdir()  # a mistyped NAME: a missing local folder, never a hub repo 'runs/align-nosuch'
-    error = user_error(train_align.main, align_cmd(tiny_models, dataset, tmp_path / "y", 2, "--init_from", "runs/align-nosuch/final"), capsys)
-    assert "no such file or folder 'runs/align-nosuch/final'" in error
+    command = align_cmd(tiny_models, dataset, tmp_path / "y", 2, "--init_from", "runs/align-nosuch/final")
+    expect_user_error(command[2:], capsys, "no such file or folder 'runs/align-nosuch/final'", main=train_align.main)
     (tmp_path / "cut_off").mkdir()  # a run stopped before its first checkpoint: the advice must not go round
     (tmp_path / "cut_off" / "config.json").write_text("{}")
-    error = user_error(train_align.main, align_cmd(tiny_models, dataset, tmp_path / "cut_off", 2), capsys)
-    assert "saved no checkpoint; pass --overwrite" in error
+    expect_user_error(align_cmd(tiny_models, dataset, tmp_path / "cut_off", 2)[2:], capsys, "saved no checkpoint; pass --overwrite", main=train_align.main)
 
 
 def test_align_without_adapter_starts_from_lavi_bridge(tmp_path, tiny_models, dataset, capsys):
     """METHOD.md §2: LaVi-Bridge's adapter initialises align; offline, its hub path is named in one line."""
     cmd = [c for c in align_cmd(tiny_models, dataset, tmp_path / "out", 2)]
     del cmd[cmd.index("--adapter") : cmd.index("--adapter") + 2]
-    assert "shihaozhao/LaVi-Bridge/t5_unet/adapter" in user_error(train_align.main, cmd, capsys)
+    expect_user_error(cmd[2:], capsys, "shihaozhao/LaVi-Bridge/t5_unet/adapter", main=train_align.main)
     # Only align has that default: a later stage with neither --init_from nor --adapter is refused.
     lcm = [sys.executable, str(ROOT / "train_lcm.py"), *common_flags(tiny_models, dataset), "--output_dir", str(tmp_path / "lcm")]
-    error = user_error(train_lcm.main, lcm, capsys)
-    assert "no adapter" in error and "LaVi-Bridge" not in error
+    assert "LaVi-Bridge" not in expect_user_error(lcm[2:], capsys, "no adapter", main=train_lcm.main)
 
 
 def test_too_many_bad_rows_stop_with_a_clear_message(tmp_path, tiny_models):
