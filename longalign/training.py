@@ -419,7 +419,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     lr_scheduler: Any,
     state: dict[str, Any],
-    stage_files: Callable[[Path], None] | None = None,
+    stage_files: Callable[[Path], None],
 ) -> None:
     """Write `checkpoints/step_N` atomically, in safetensors and JSON only (no pickles).
 
@@ -443,8 +443,7 @@ def save_checkpoint(
             save_file(trainable_state(accelerator.unwrap_model(module)), temporary / trainable_file(index))
         tensors, metadata = flatten_optimizer_state(optimizer.state_dict())
         save_file(tensors, temporary / OPTIMIZER_FILE, metadata=metadata)
-        if stage_files is not None:
-            stage_files(temporary)
+        stage_files(temporary)
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         full_state = {**state, "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": scaler}
         (temporary / STATE_FILE).write_text(json.dumps(full_state, indent=2))  # written last: marks it complete
@@ -787,7 +786,6 @@ def micro_step(
                     outcome.stepped = True
                     outcome.lr = lr_scheduler.get_last_lr()[0]
                     lr_scheduler.step()
-        del loss, logs  # a skipped loss's graph goes before the next forward
         optimizer.zero_grad(set_to_none=True)  # at the window's end only, as accelerate does
     return outcome
 
