@@ -64,12 +64,21 @@ class Scale:
     sample_seeds: tuple[int, ...]
     batch: int = 64
     reward_batch: int = 16
+    rollout_steps: int = 50  # reward stage: DDIM steps of the rollout (paper: 50, gradient at 5 of them)
 
 
 SCALES = {
     "full": Scale(4096, 256, 1500, 1500, 3000, 1500, 100, (0, 1)),
-    "smoke": Scale(96, 16, 5, 5, 5, 2, 2, (0,), batch=8, reward_batch=2),
+    "smoke": Scale(96, 16, 5, 5, 5, 2, 2, (0,), batch=8, reward_batch=2, rollout_steps=10),
 }
+
+
+def same_scale(saved: dict | None, scale: Scale) -> bool:
+    """Whether a results.json's `scale` is `scale`; a field added to `Scale` since counts as its default."""
+    try:
+        return json.loads(json.dumps(Scale(**saved).__dict__)) == json.loads(json.dumps(scale.__dict__))
+    except TypeError:  # None, or a field this version does not know
+        return False
 
 
 def log(message: str) -> None:
@@ -78,7 +87,9 @@ def log(message: str) -> None:
 
 def run(args: list[str], cwd: Path) -> None:
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable, "PYTHONPATH": path}
+    # NUM_GPUS=1: the study's batch sizes are per process, so one process keeps its numbers the same
+    # on any machine (and run_unet.sh skips counting GPUs)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable, "PYTHONPATH": path, "NUM_GPUS": "1"}
     start = time.time()
     result = subprocess.run(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if result.returncode != 0:
@@ -125,7 +136,7 @@ class Study:
         saved = self.report / "results.json"
         if saved.exists():  # resume a cut-off run: finished steps are skipped
             previous = json.loads(saved.read_text())
-            if previous.get("scale") != json.loads(json.dumps(scale.__dict__)) or previous.get("seed") != seed:
+            if not same_scale(previous.get("scale"), scale) or previous.get("seed") != seed:
                 raise SystemExit(f"{saved} is from another scale or seed; pick another --out to start a new study")
             self.results = {**previous, "device": device}
             log(f"resuming {out}: done {', '.join(self.results['timings_s']) or 'nothing'}")
@@ -283,7 +294,9 @@ class Study:
         flags = self.stage_flags(steps, self.scale.reward_batch)
         flags += ["--init_from", str(align_final), "--reward_model", str(self.world / "preference"),
                   "--text_irrelevant_weight", weight, "--guidance_scale", "3.0", "--learning_rate", "3e-4",
-                  "--lr_warmup_steps", "10", "--lora_dropout", "0.0", "--report_to", "tensorboard"]  # fmt: skip
+                  "--lr_warmup_steps", "10", "--lora_dropout", "0.0", "--report_to", "tensorboard",
+                  # gradient at 5 steps spread evenly over the rollout, as released (50 steps: stride 10)
+                  "--rollout_steps", str(self.scale.rollout_steps), "--grad_stride", str(self.scale.rollout_steps // 5)]  # fmt: skip
         return flags
 
     def reward(self, weight: str, align_final: Path) -> Path:
