@@ -3,6 +3,10 @@
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One torch thread per process, set before torch is imported, for this process and the CLIs the
+# tests start: the suite runs as two pytest workers on 2 cores (README), and tiny models on a
+# shared core are several times slower with two threads each (BENCHMARKS.md).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
@@ -23,3 +27,19 @@ def fresh_accelerator_state():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
+
+
+# The files that run longest (on 2 CPU cores), longest first; the other files follow in their
+# collection order. pytest.ini keeps each file on one worker, in this order, so the two workers
+# start the long files first and finish about together.
+LONGEST_FILES = ("test_toyworld_study.py", "test_stages.py", "test_toyworld.py", "test_bench.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Order the tests by `LONGEST_FILES` (a stable sort: within a file, the written order)."""
+
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FILES.index(name) if name in LONGEST_FILES else len(LONGEST_FILES)
+
+    items.sort(key=rank)

@@ -4,7 +4,6 @@ import json
 import logging
 import math
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -33,6 +32,7 @@ from longalign.reward import (
     preference_loss,
     reweighted_score,
 )
+from test_stages import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -289,12 +289,6 @@ def test_a_direction_file_must_be_a_unit_vector_of_this_text_mode(tmp_path, scor
         CommonDirection("file", path=str(tmp_path / "scaled.safetensors"))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_gathered_direction_over_two_processes_equals_one_process(tmp_path, tiny_models):
     from safetensors.torch import load_file
 
@@ -302,7 +296,7 @@ def test_gathered_direction_over_two_processes_equals_one_process(tmp_path, tiny
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), str(REPO / "tests" / "_gather_direction.py"), str(tmp_path), str(tiny_models["preference"]),
+        "--main_process_port", str(free_port()), str(REPO / "tests" / "_gather_direction.py"), str(tmp_path), str(tiny_models["preference"]),
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
