@@ -44,7 +44,9 @@ def align_loss(parts: StageParts, batch: dict, generator: torch.Generator, args:
     batch_size = latents.shape[0]
     keep = torch.rand(batch_size, generator=generator) >= args.caption_dropout
     captions = [caption if kept else "" for caption, kept in zip(batch["caption"], keep.tolist())]
-    context = parts.encoder.context(parts.encoder.encode_frozen(captions))  # adapter trains
+    segments = batch.get("segments") or [None] * batch_size  # split in the DataLoader workers (None: here)
+    segments = [given if kept else None for given, kept in zip(segments, keep.tolist())]  # "" is split here
+    context = parts.encoder.context(parts.encoder.encode_frozen(captions, segments))  # adapter trains
 
     noise = randn_like(latents, generator)
     scheduler = parts.noise_scheduler

@@ -66,7 +66,7 @@ def lcm_loss(parts: StageParts, batch: dict, generator: torch.Generator, args: L
     """
     latents = encode_images(parts.vae, batch["pixel_values"], generator).float()
     batch_size = latents.shape[0]
-    context, uncond = encode_prompts_and_unconditional(parts, batch["caption"])
+    context, uncond = encode_prompts_and_unconditional(parts, batch["caption"], batch.get("segments"))
     scheduler = parts.noise_scheduler
     start, previous = sample_lcm_timesteps(
         batch_size, generator, num_train_timesteps=scheduler.config.num_train_timesteps,

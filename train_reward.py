@@ -50,7 +50,7 @@ def reward_loss(
     captions (B) -> contexts (B, 480, 768) -> latents x0 (B, 4, R/8, R/8) -> images (B, 3, R, R) in [0, 1].
     """
     captions = batch["caption"]
-    context, uncond = encode_prompts_and_unconditional(parts, captions)
+    context, uncond = encode_prompts_and_unconditional(parts, captions, batch.get("segments"))
     vae = parts.vae
     latent_size = args.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
     rollout = get_rollout(args.rollout)(

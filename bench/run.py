@@ -394,7 +394,8 @@ class StandardSDCLIP(torch.nn.Module):
         self.text_encoder = text_encoder
         self.token_length = int(tokenizer.model_max_length)
 
-    def forward(self, prompts):
+    def forward(self, prompts, segments=None):
+        """`segments` is unused: the prompt is not split."""
         from longalign.text_encoding import PromptReport
 
         batch = self.tokenizer(list(prompts), padding="max_length", max_length=self.token_length, truncation=True, return_tensors="pt")
@@ -407,13 +408,21 @@ def captions(batch_size: int, offset: int = 0) -> list[str]:
     return [LONG_CAPTIONS[(offset + index) % len(LONG_CAPTIONS)] for index in range(batch_size)]
 
 
-def make_batch(stage: str, batch_size: int, resolution: int, seed: int) -> dict[str, Any]:
-    """A batch as the DataLoader gives it: long captions and, for align/lcm, images in [-1, 1]."""
-    batch: dict[str, Any] = {"caption": captions(batch_size, seed)}
-    if stage in ("align", "lcm"):
-        generator = torch.Generator().manual_seed(seed)
-        batch["pixel_values"] = (torch.rand(batch_size, 3, resolution, resolution, generator=generator) * 2 - 1)
-    return batch
+def make_batch(
+    stage: str, batch_size: int, resolution: int, seed: int, split_caption: Callable[[str], list[str]] | None = None
+) -> dict[str, Any]:
+    """A batch as the DataLoader gives it (`collate_examples`): long captions, their CLIP segments
+    (split by `split_caption`, as the training loop's workers do) and, for align/lcm, images in [-1, 1]."""
+    from longalign.data import collate_examples
+
+    generator = torch.Generator().manual_seed(seed)
+    items = []
+    for index, caption in enumerate(captions(batch_size, seed)):
+        item: dict[str, Any] = {"caption": caption, "index": index}
+        if stage in ("align", "lcm"):
+            item["pixel_values"] = torch.rand(3, resolution, resolution, generator=generator) * 2 - 1
+        items.append(item)
+    return collate_examples(items, resolution, split_caption)
 
 
 class StageBench:
@@ -460,6 +469,7 @@ class StageBench:
         script = {"align": "train_align", "lcm": "train_lcm"}.get(stage, "train_reward")
         self.stage_spec = importlib.import_module(script).build_stage(self.model_args, args, self.accelerator)
         self.parts = self.stage_spec.parts
+        self.split_caption = self.parts.encoder.splitter()  # as run_training's DataLoader
         self.params, self.optimizer, self.lr_scheduler = prepare_optimization(self.accelerator, args, self.stage_spec)
         synchronize(device)
         self.load_seconds = time.perf_counter() - started
@@ -716,8 +726,8 @@ class Runner:
             def body(size: int = size, name: str = name, bench: list[StageBench] = bench) -> dict[str, Any]:
                 self.options.batch_sizes = {**self.options.batch_sizes, stage: size}
                 bench.append(StageBench(stage, self.folders, options, self.workdir))
-                batch = make_batch(stage, size, options.resolution, options.seed)
                 stage_bench = bench[0]
+                batch = make_batch(stage, size, options.resolution, options.seed, stage_bench.split_caption)
                 result = measure(name, lambda seed: stage_bench.step(batch, seed), size, warmup, steps, options, stage in options.profile)
                 result["load_seconds"] = round(bench[0].load_seconds, 2)
                 result["unet_attention_processor"] = sorted(
@@ -813,7 +823,7 @@ class Runner:
         """Comparison 5: the align step with one LoRA cost removed or one lever applied (`ALIGN_ABLATIONS`)."""
         options = self.options
         unet = bench.accelerator.unwrap_model(bench.parts.unet)
-        batch = make_batch("align", size, options.resolution, options.seed)
+        batch = make_batch("align", size, options.resolution, options.seed, bench.split_caption)
         for kind, label in ALIGN_ABLATIONS.items():
             name = f"{reference}_{kind}"
             record = self.base(name, "align", f"align step, {label}", size)
@@ -847,11 +857,11 @@ class Runner:
 
         options = self.options
         device = options.device
-        batch = make_batch("align", size, options.resolution, options.seed)
+        batch = make_batch("align", size, options.resolution, options.seed, bench.split_caption)
         encoder = bench.parts.encoder
         parts = {
             "vae_encode": lambda: encode_images(bench.parts.vae, batch["pixel_values"], torch.Generator().manual_seed(0)),
-            "segment_clip": lambda: encoder.clip(batch["caption"]),
+            "segment_clip": lambda: encoder.clip(batch["caption"], batch["segments"]),  # split by the DataLoader
             "t5_large": lambda: encoder.t5(batch["caption"]),
         }
         record: dict[str, Any] = {"name": f"{reference}_frozen_encoders", "what": "share of the align step spent in the frozen encoders (the case for caching them)"}
@@ -899,7 +909,7 @@ class Runner:
                     checkpoint_grad_steps=checkpointing,
                 )  # fmt: skip
                 bench.stage_spec.loss_fn = functools.partial(original, settings=settings)  # the stage's loss, this rollout
-                batch = make_batch("reward", size, options.resolution, options.seed)
+                batch = make_batch("reward", size, options.resolution, options.seed, bench.split_caption)
                 # FLOPs of the checkpointed row only: counting costs a minute of CPU here, and the other runs out of memory
                 counted = dataclasses.replace(options, count_flops=options.count_flops and checkpointing)
                 return measure(name, lambda seed: bench.step(batch, seed), size, 1, min(steps, 2), counted)

@@ -44,7 +44,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -421,13 +421,17 @@ def build_train_dataset(settings: DataSettings) -> LongCaptionImageDataset:
 
 
 # -------------------------------------------------------------------------------- collate
-def collate_examples(items: Sequence[dict[str, Any] | BadRow], resolution: int) -> dict[str, Any]:
+def collate_examples(
+    items: Sequence[dict[str, Any] | BadRow], resolution: int, split_caption: Callable[[str], list[str]] | None = None
+) -> dict[str, Any]:
     """Stack the good examples of a batch and report the bad ones.
 
     Returns `pixel_values` (b, 3, R, R), `caption` (list of b str), `index` (b,) int64 dataset
     rows, `num_rows` (the rows this batch consumed, bad ones included: what the sampler must
     advance by) and `bad_rows` (list of `BadRow`). b can be 0 when every row was bad. Because the
-    counts travel inside the batch, they reach the main process from DataLoader workers.
+    counts travel inside the batch, they reach the main process from DataLoader workers. With
+    `split_caption` (`SegmentCLIPEncoder.splitter()`), also `segments`: each caption's CLIP
+    segments (b lists of str), split in the DataLoader workers rather than by the training step.
     """
     good = [item for item in items if isinstance(item, dict)]
     bad = [item for item in items if isinstance(item, BadRow)]
@@ -436,6 +440,8 @@ def collate_examples(items: Sequence[dict[str, Any] | BadRow], resolution: int) 
         batch["pixel_values"] = torch.stack([item["pixel_values"] for item in good])
     elif not good:
         batch["pixel_values"] = torch.empty(0, 3, resolution, resolution)
+    if split_caption is not None:
+        batch["segments"] = [split_caption(item["caption"]) for item in good]
     return batch | {
         "caption": [item["caption"] for item in good],
         "index": torch.tensor([item["index"] for item in good], dtype=torch.long),
@@ -679,8 +685,10 @@ def make_dataloader(
     drop_last: bool = False,
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
+    split_caption: Callable[[str], list[str]] | None = None,
 ) -> DataLoader:
-    """A DataLoader over `dataset` in `sampler`'s order whose batches come from `collate_examples`.
+    """A DataLoader over `dataset` in `sampler`'s order whose batches come from `collate_examples`
+    (with `split_caption`: each batch's caption segments too, made in the workers).
 
     Use it as is, without `accelerator.prepare` (see the module docstring). `drop_last` drops the
     epoch's last partial batch; the sampler's state stays exact either way (an epoch's dropped
@@ -694,7 +702,7 @@ def make_dataloader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=functools.partial(collate_examples, resolution=resolution),
+        collate_fn=functools.partial(collate_examples, resolution=resolution, split_caption=split_caption),
         drop_last=drop_last,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,

@@ -10,6 +10,7 @@ and the `TextAdapter` maps it to the UNet width. The UNet context is
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import asdict, dataclass
@@ -217,6 +218,12 @@ class SegmentCLIPEncoder(nn.Module):
         """The prompt's segments under this encoder's segmenter."""
         return self.segmenter(prompt, self.tokenizer)
 
+    def splitter(self) -> Callable[[str], list[str]]:
+        """`split` as a picklable function without the CLIP model, for DataLoader workers: the
+        training loop splits each batch's captions there, off the training step (`sentences` costs
+        about 3 ms per long caption on a CPU core), and passes the result to `forward` as `segments`."""
+        return functools.partial(self.segmenter, tokenizer=self.tokenizer)
+
     def tokenize_segments(self, segments: Sequence[str]) -> tuple[list[list[int]], list[int]]:
         """Token ids `<sot> content[:75] <eot>` per segment, and the untruncated content counts."""
         content_ids = self.tokenizer(list(segments), add_special_tokens=False, verbose=False)["input_ids"]
@@ -230,15 +237,21 @@ class SegmentCLIPEncoder(nn.Module):
         input_ids = torch.tensor([s + [self.pad_id] * (longest - len(s)) for s in sequences])
         return self.text_encoder(input_ids.to(self.pad_embedding.device)).last_hidden_state
 
-    def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list[PromptReport]]:
+    def forward(
+        self, prompts: Sequence[str], segments: Sequence[list[str] | None] | None = None
+    ) -> tuple[torch.Tensor, list[PromptReport]]:
         """Prompts (B) -> CLIP branch (B, token_length, D) and a report per prompt (METHOD.md §1).
 
         Each segment is encoded alone as `<sot> content <eot>`; its rows kept in the context are
         `<sot>` + content (`len(sequence) - 1`: the `<eot>` row is dropped, every segment's `<sot>`
         kept), concatenated in order up to `token_length` and padded with `<pad*>`. All segments
         of the batch that reach the context go through CLIP as one batch; those past the cut skip it.
+        `segments` (B): each prompt's `split` made earlier (by `splitter`), or None to split it here.
         """
-        segments_per_prompt = [self.split(prompt) for prompt in prompts]
+        given = segments if segments is not None else [None] * len(prompts)
+        if len(given) != len(prompts):
+            raise ValueError(f"{len(given)} segment lists for {len(prompts)} prompts")
+        segments_per_prompt = [self.split(prompt) if split is None else split for prompt, split in zip(prompts, given)]
         flat = [segment for segments in segments_per_prompt for segment in segments]
         sequences, content_counts = self.tokenize_segments(flat)
         takes, index = [], 0  # rows each segment gives its prompt: `<sot>` + content, up to token_length
@@ -406,13 +419,18 @@ class LongPromptEncoder(nn.Module):
             if branch is not None:
                 branch.truncation_warnings = shared
 
+    def splitter(self) -> Callable[[str], list[str]] | None:
+        """The CLIP branch's `SegmentCLIPEncoder.splitter` for DataLoader workers; None in mode t5."""
+        return self.clip.splitter() if self.clip is not None else None
+
     @torch.no_grad()
-    def encode_frozen(self, prompts: Sequence[str]) -> FrozenEncoding:
-        """Run the frozen encoders. Returns CLIP (B, L, D) / T5 (B, L, 1024) and the reports."""
+    def encode_frozen(self, prompts: Sequence[str], segments: Sequence[list[str] | None] | None = None) -> FrozenEncoding:
+        """Run the frozen encoders. Returns CLIP (B, L, D) / T5 (B, L, 1024) and the reports.
+        `segments`: the CLIP segments of each prompt, split earlier (`SegmentCLIPEncoder.forward`)."""
         prompts = list(prompts)
         clip_hidden, reports = (None, None)
         if self.clip is not None:
-            clip_hidden, reports = self.clip(prompts)
+            clip_hidden, reports = self.clip(prompts, segments)
         t5_hidden = None
         if self.t5 is not None:
             t5_hidden, counts = self.t5(prompts)
@@ -433,9 +451,11 @@ class LongPromptEncoder(nn.Module):
         dtype = parts[-1].dtype
         return torch.cat([part.to(dtype) for part in parts], dim=1)
 
-    def forward(self, prompts: Sequence[str]) -> tuple[torch.Tensor, list[PromptReport]]:
-        """Prompts -> (context (B, L or 2L, D), per-prompt reports)."""
-        frozen = self.encode_frozen(prompts)
+    def forward(
+        self, prompts: Sequence[str], segments: Sequence[list[str] | None] | None = None
+    ) -> tuple[torch.Tensor, list[PromptReport]]:
+        """Prompts -> (context (B, L or 2L, D), per-prompt reports); `segments` as in `encode_frozen`."""
+        frozen = self.encode_frozen(prompts, segments)
         return self.context(frozen), frozen.reports
 
     @classmethod

@@ -177,9 +177,12 @@ def encode_images(vae: AutoencoderKL, pixel_values: torch.Tensor, generator: tor
 
 
 @torch.no_grad()
-def encode_prompts_and_unconditional(parts: StageParts, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen contexts for prompts (B, L, D) and for "" broadcast to (B, L, D), in the weight dtype (CFG)."""
-    context, _ = parts.encoder(prompts)
+def encode_prompts_and_unconditional(
+    parts: StageParts, prompts: list[str], segments: list[list[str]] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen contexts for prompts (B, L, D) and for "" broadcast to (B, L, D), in the weight dtype (CFG).
+    `segments`: the prompts' CLIP segments when the DataLoader split them (a batch's `segments`)."""
+    context, _ = parts.encoder(prompts, segments)
     uncond, _ = parts.encoder([""])
     return context.to(parts.weight_dtype), uncond.to(parts.weight_dtype).expand(len(prompts), -1, -1)
 
@@ -802,7 +805,9 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
     parts, stateful = stage.parts, stage.stateful
 
     sampler = ResumableSampler(len(dataset), args.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
-    loader = make_dataloader(dataset, sampler, args.train_batch_size, args.dataloader_num_workers)
+    # the captions' CLIP segments are split in the workers (no encoder: the loop tests' stand-in parts)
+    split_caption = parts.encoder.splitter() if parts.encoder is not None else None
+    loader = make_dataloader(dataset, sampler, args.train_batch_size, args.dataloader_num_workers, split_caption=split_caption)
     monitor = BadRowMonitor.from_settings(args, rows_per_epoch=sampler.num_samples * accelerator.num_processes)
 
     state = {"global_step": 0, "micro_step": 0, "nonfinite_in_a_row": 0}

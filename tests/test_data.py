@@ -24,6 +24,7 @@ from longalign.data import (
     write_tiny_dataset,
 )
 from longalign.loading import UserError
+from longalign.text_encoding import split_legacy
 
 
 def settings_for(path, tmp_path, **kwargs):
@@ -215,6 +216,18 @@ def test_bad_rows_skipped_and_counted_across_workers(tmp_path, caplog):
     assert sampler.position == sampler.num_samples == 10
     assert "4 of 10 rows (40.0%) were skipped" in monitor.summary()
     assert any("were skipped" in record.message for record in caplog.records)
+
+
+def test_dataloader_workers_split_each_caption_into_segments(tmp_path):
+    """With `split_caption`, every batch carries its captions' segments, made in the workers."""
+    dataset = build_train_dataset(settings_for(write_tiny_dataset(tmp_path / "d", n=5, resolution=32), tmp_path))
+    loader = make_dataloader(dataset, ResumableSampler(len(dataset), seed=0), batch_size=2, num_workers=1, split_caption=split_legacy)
+    batches = list(loader)
+    assert sum(len(batch["caption"]) for batch in batches) == 5
+    for batch in batches:
+        assert batch["segments"] == [split_legacy(caption) for caption in batch["caption"]]
+        assert any(len(segments) > 1 for segments in batch["segments"])  # the tiny captions have several sentences
+    assert "segments" not in next(iter(make_dataloader(dataset, ResumableSampler(len(dataset), seed=0), batch_size=2)))
 
 
 def test_too_many_bad_rows_raise(tmp_path):

@@ -177,3 +177,33 @@ def test_reward_stage_runs_the_rollout_its_flags_set(tmp_path, tiny_models, mode
     assert [int(call["timesteps"][0]) for call in calls] == list(range(999, 0, -100))  # 10 DDIM steps
     grad = [index for index, call in enumerate(calls) if call["grad"]]
     assert len(grad) == 2 and grad[1] - grad[0] == 5 and grad[0] < 5
+
+
+@pytest.mark.parametrize("stage_name", ["align", "lcm", "reward"])
+def test_each_loss_encodes_the_segments_the_dataloader_split(tmp_path, tiny_models, model_args, stage_name):
+    """A batch's `segments` (split in the DataLoader workers) are what CLIP encodes, as given: here
+    every caption's are "A green star.", so the CLIP half of each context is that sentence's; T5
+    reads the caption itself. A caption dropped by align is encoded as "" (not its segments)."""
+    captions = [f"A red circle number {i}." for i in range(8)]
+    if stage_name == "align":
+        args, script = AlignArguments(**common(tmp_path), caption_dropout=0.5, resolution=64), train_align
+    elif stage_name == "lcm":
+        args, script = LcmArguments(**common(tmp_path), resolution=64), train_lcm
+    else:
+        args = RewardArguments(**common(tmp_path), reward_model=str(tiny_models["preference"]), resolution=32, rollout_steps=10, grad_steps=1)
+        script = train_reward
+    stage = script.build_stage(model_args, args, make_accelerator(args))
+    calls = record_unet_calls(stage.parts.unet)
+    given = batch(captions, args.resolution) | {"segments": [["A green star."]] * len(captions)}
+    stage.loss_fn(stage.parts, given, torch.Generator().manual_seed(0))
+    context = calls[0]["context"][: len(captions)]  # the reward rollout's first call: [cond; uncond]
+    clip_rows = stage.parts.encoder.token_length
+    with torch.no_grad():
+        star, _ = stage.parts.encoder(["A green star."])
+        plain, _ = stage.parts.encoder(captions)
+        empty, _ = stage.parts.encoder([""])
+    expected = torch.cat([star[:, :clip_rows].expand(len(captions), -1, -1), plain[:, clip_rows:]], dim=1)
+    kept = [torch.allclose(row, want, atol=1e-6) for row, want in zip(context, expected)]
+    dropped = [torch.allclose(row, empty[0], atol=1e-6) for row in context]
+    assert all(k != d for k, d in zip(kept, dropped))  # each row: the given segments', or ""'s when dropped
+    assert (0 < sum(dropped) < len(captions)) if stage_name == "align" else not any(dropped)

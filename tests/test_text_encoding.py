@@ -154,6 +154,29 @@ def test_three_segments_row_by_row(encoder):
     torch.testing.assert_close(encoded[0, row:], clip.pad_embedding.expand(240 - row, -1), rtol=0, atol=0)
 
 
+def test_segments_split_earlier_are_encoded_as_given(encoder):
+    """The DataLoader workers split the captions (`splitter`, pickled to them); the encoder then uses
+    those segments, and splits a prompt itself where its entry is None."""
+    import pickle
+
+    prompts = ["A red circle is on the left. A blue square is in the middle!", "Is there a green triangle?"]
+    split = pickle.loads(pickle.dumps(encoder.clip.splitter()))
+    assert [split(p) for p in prompts] == [encoder.clip.split(p) for p in prompts]
+    with torch.no_grad():
+        plain = encoder.encode_frozen(prompts)
+        given = encoder.encode_frozen(prompts, [split(p) for p in prompts])
+        mixed = encoder.encode_frozen(prompts, [None, split(prompts[1])])
+        other = encoder.encode_frozen(prompts, [["A green star."], None])  # used as given, not re-split
+        star = encoder.encode_frozen(["A green star."])
+    for result in (given, mixed):
+        assert torch.equal(result.clip, plain.clip) and torch.equal(result.t5, plain.t5)
+        assert [r.segments for r in result.reports] == [r.segments for r in plain.reports] == [2, 1]
+    assert torch.equal(other.clip[0], star.clip[0]) and torch.equal(other.clip[1], plain.clip[1])
+    assert torch.equal(other.t5, plain.t5)  # T5 reads the whole prompt, never the segments
+    with pytest.raises(ValueError, match="1 segment lists for 2 prompts"):
+        encoder.encode_frozen(prompts, [None])
+
+
 def test_padding_decided_by_length_not_id(encoder, tiny_models):
     """A tokenizer that pads with `!` (as SD2's does) keeps literal `!` tokens."""
     bang_tokenizer = AutoTokenizer.from_pretrained(tiny_models["sd15"] / "tokenizer", pad_token="!")

@@ -286,7 +286,8 @@ def test_too_many_bad_rows_stop_every_rank_at_once(tmp_path):
 def test_what_trains_is_in_train_mode_for_the_loss_and_in_eval_mode_for_validation(tmp_path, tiny_models):
     """diffusers loads the UNet in eval mode, where peft's LoRA dropout (0.1, METHOD.md §3) is the
     identity: the loop must switch what trains (UNet LoRA, adapter) to train mode, and only that,
-    and validation images must be drawn without dropout, the modes restored after."""
+    and validation images must be drawn without dropout, the modes restored after. The loss gets
+    each caption's CLIP segments from the DataLoader."""
     import train_align
 
     model_args = ModelArguments(
@@ -299,9 +300,10 @@ def test_what_trains_is_in_train_mode_for_the_loss_and_in_eval_mode_for_validati
     )  # fmt: skip
     accelerator = make_accelerator(args)
     stage = train_align.build_stage(model_args, args, accelerator)
-    in_loss, in_validation = [], []
+    in_loss, in_validation, segments = [], [], []
 
     def recording_loss(parts, batch, generator):
+        segments.append(batch["segments"])
         dropouts = [m for name, m in parts.unet.named_modules() if name.endswith("lora_dropout.align")]
         assert dropouts
         in_loss.append(
@@ -321,6 +323,7 @@ def test_what_trains_is_in_train_mode_for_the_loss_and_in_eval_mode_for_validati
     trained = dict(unet=True, lora_dropout=True, adapter=True, clip=False, t5=False, vae=False)
     assert in_loss == [trained, trained]  # the second step comes after a validation: modes were restored
     assert in_validation and not any(in_validation)  # the recording loss never calls them; validation does
+    assert segments == [[["A red circle."]]] * 2
 
 
 def test_a_trained_adapter_starts_from_the_files_fp32_weights_under_bf16(tmp_path, tiny_models):
