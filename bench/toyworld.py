@@ -90,6 +90,7 @@ def run(args: list[str], cwd: Path) -> None:
     # NUM_GPUS=1: the study's batch sizes are per process, so one process keeps its numbers the same
     # on any machine (and run_unet.sh skips counting GPUs)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable, "PYTHONPATH": path, "NUM_GPUS": "1"}
+    env.pop("ACCELERATE_CONFIG", None)  # run_unet.sh would launch by that file instead
     start = time.time()
     result = subprocess.run(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if result.returncode != 0:
@@ -296,7 +297,8 @@ class Study:
                   "--text_irrelevant_weight", weight, "--guidance_scale", "3.0", "--learning_rate", "3e-4",
                   "--lr_warmup_steps", "10", "--lora_dropout", "0.0", "--report_to", "tensorboard",
                   # gradient at 5 steps spread evenly over the rollout, as released (50 steps: stride 10)
-                  "--rollout_steps", str(self.scale.rollout_steps), "--grad_stride", str(self.scale.rollout_steps // 5)]  # fmt: skip
+                  "--rollout_steps", str(self.scale.rollout_steps), "--grad_steps", "5",
+                  "--grad_stride", str(self.scale.rollout_steps // 5)]  # fmt: skip
         return flags
 
     def reward(self, weight: str, align_final: Path) -> Path:

@@ -426,7 +426,7 @@ class LongPromptEncoder(nn.Module):
     @torch.no_grad()
     def encode_frozen(self, prompts: Sequence[str], segments: Sequence[list[str] | None] | None = None) -> FrozenEncoding:
         """Run the frozen encoders. Returns CLIP (B, L, D) / T5 (B, L, 1024) and the reports.
-        `segments`: the CLIP segments of each prompt, split earlier (`SegmentCLIPEncoder.forward`)."""
+        `segments`: each prompt's CLIP segments, split earlier by `splitter` (see `SegmentCLIPEncoder.forward`)."""
         prompts = list(prompts)
         clip_hidden, reports = (None, None)
         if self.clip is not None:

@@ -178,7 +178,7 @@ def encode_images(vae: AutoencoderKL, pixel_values: torch.Tensor, generator: tor
 
 @torch.no_grad()
 def encode_prompts_and_unconditional(
-    parts: StageParts, prompts: list[str], segments: list[list[str]] | None = None
+    parts: StageParts, prompts: list[str], segments: list[list[str] | None] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen contexts for prompts (B, L, D) and for "" broadcast to (B, L, D), in the weight dtype (CFG).
     `segments`: the prompts' CLIP segments when the DataLoader split them (a batch's `segments`)."""

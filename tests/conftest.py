@@ -30,8 +30,8 @@ def fresh_accelerator_state():
 
 
 # The files that run longest (on 2 CPU cores), longest first; the other files follow in their
-# collection order. pytest.ini keeps each file on one worker, in this order, so the two workers
-# start the long files first and finish about together.
+# collection order. pytest.ini keeps each file on one worker and hands the files out in this
+# order, so the long files start first and the short ones fill the gaps at the end.
 LONGEST_FILES = ("test_toyworld_study.py", "test_stages.py", "test_toyworld.py", "test_bench.py")
 
 

@@ -23,6 +23,7 @@ from bench.run import (
     align_ablation,
     flop_counter,
     flops_by_module,
+    make_batch,
     markdown,
     peak_bf16_tflops,
 )
@@ -133,6 +134,19 @@ def test_flop_counter_counts_cpu_attention():
     with flop_counter() as counter:
         out.sum().backward()
     assert flops_by_module(counter)["total"] > forward
+
+
+def test_bench_batches_are_the_dataloaders_with_segments():
+    """The timed step gets what run_training's DataLoader gives: captions, images, and segments
+    already split (so the split is not timed), or none without a splitter (the 77-token row)."""
+    from longalign.text_encoding import split_legacy
+
+    batch = make_batch("align", 3, 64, seed=0, split_caption=split_legacy)
+    assert batch["pixel_values"].shape == (3, 3, 64, 64) and len(batch["caption"]) == 3
+    assert batch["segments"] == [split_legacy(caption) for caption in batch["caption"]]
+    assert len(batch["segments"][0]) > 5  # long captions: many segments
+    reward = make_batch("reward", 2, 64, seed=0)
+    assert "pixel_values" not in reward and "segments" not in reward
 
 
 def test_align_ablations_take_effect_and_are_undone(tiny_models):
