@@ -805,8 +805,7 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
     parts, stateful = stage.parts, stage.stateful
 
     sampler = ResumableSampler(len(dataset), args.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
-    # the captions' CLIP segments are split in the workers (no encoder: the loop tests' stand-in parts)
-    split_caption = parts.encoder.splitter() if parts.encoder is not None else None
+    split_caption = parts.encoder.splitter()  # the captions' CLIP segments are split in the workers
     loader = make_dataloader(dataset, sampler, args.train_batch_size, args.dataloader_num_workers, split_caption=split_caption)
     monitor = BadRowMonitor.from_settings(args, rows_per_epoch=sampler.num_samples * accelerator.num_processes)
 

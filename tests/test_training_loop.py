@@ -4,6 +4,7 @@ import importlib.util
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -45,7 +46,8 @@ def tiny_loop(tmp_path, loss_fn, max_nonfinite_steps=5, module=None, table=None,
     table = table or [{"path": f"{i}.png", "caption": f"caption {i}"} for i in range(8)]
     torch.manual_seed(0)
     unet = module if module is not None else nn.Linear(3, 3)
-    parts = StageParts(unet=unet, vae=None, encoder=None, noise_scheduler=None, weight_dtype=torch.float32)
+    no_text = SimpleNamespace(splitter=lambda: None)  # the loop asks the encoder only for its caption splitter
+    parts = StageParts(unet=unet, vae=None, encoder=no_text, noise_scheduler=None, weight_dtype=torch.float32)
     stage = Stage("test", parts, {"unet": parts.unet}, loss_fn)
     dataset = CaptionDataset(table, DataSettings(dataset="unused.jsonl"))
     accelerator = make_accelerator(args)
