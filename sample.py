@@ -89,31 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     model_args, args = parse_flags((ModelArguments, SampleArguments), argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     prompts = read_prompts(args)
-    spec = get_sampler(args.sampler)
-    steps = spec.steps if args.steps is None else args.steps
-    guidance_scale = spec.guidance_scale if args.guidance_scale is None else args.guidance_scale
-    validate_generation(steps, args.height, args.width, spec.max_steps)
-    if not math.isfinite(guidance_scale):
-        raise UserError(f"--guidance_scale must be a finite number (got {guidance_scale})")
-    if not -(2**63) <= args.seed <= 2**64 - args.num_images:  # torch.Generator seeds: int64 or uint64
-        raise UserError(f"--seed must be in [-2**63, 2**64 - --num_images] (got {args.seed})")
-    for flag, value in {"--num_images": args.num_images, "--batch_size": args.batch_size}.items():
-        if value < 1:
-            raise UserError(f"{flag} must be at least 1 (got {value})")
-    if not model_args.init_from and model_args.adapter is None:
-        model_args.init_from, model_args.adapter = list(LONGSD_LORAS), LONGSD_ADAPTER
-        if "--segmenter" not in given_flags(argv):
-            model_args.segmenter = "legacy"  # the split LongSD was trained with (METHOD.md §1: released by default)
-        print(
-            f"using the released LongSD weights: {LONGSD_ADAPTER}, {', '.join(LONGSD_LORAS)} "
-            f"(--segmenter {model_args.segmenter})"
-        )
-        if args.sampler != "unipc":
-            logging.warning("LongSD has no LCM LoRA: --sampler %s needs an lcm stage in --init_from for sharp images", args.sampler)
-    elif not model_args.init_from:
-        print(f"no --init_from: SD1.5 with the adapter {model_args.adapter} and no LoRA")
-    elif args.sampler != "unipc" and lacks_lcm_stage(model_args.init_from):
-        logging.warning("--sampler %s: none of the --init_from stages is an lcm stage, so the images will be blurred", args.sampler)
+    steps, guidance_scale = checked_generation(args)
+    choose_weights(model_args, args.sampler, given_flags(argv))
     warn_about_stage_settings(model_args)
     check_folder_path(args.out, "--out")
     for index, prompt in enumerate(prompts):
@@ -135,6 +112,58 @@ def main(argv: list[str] | None = None) -> None:
         "encoder": {"mode": model_args.encoder_mode, "segmenter": model_args.segmenter, "token_length": model_args.token_length},
     }
     settings = json.loads(json.dumps(settings))
+    todo = images_to_make(args, prompts, settings)
+    if not todo:
+        return  # before loading any model: a finished run is checked in seconds
+    pipeline = LongPromptPipeline.from_pretrained(  # the sources resolved above: local paths, fetched once
+        model_args.pretrained_model, model_args.t5_model, adapter, loras, model_args.encoder_mode,
+        model_args.segmenter, model_args.token_length, device=device, dtype=dtype,
+    )  # fmt: skip
+    pipeline.set_sampler(args.sampler)
+    generate(pipeline, todo, args, settings)
+    print(f"wrote {len(todo)} image(s) to {args.out}", file=sys.stderr)
+
+
+def checked_generation(args: SampleArguments) -> tuple[int, float]:
+    """The step count and guidance scale (the sampler's unless given), after checking every
+    numeric flag: a bad value is refused before any model loads."""
+    spec = get_sampler(args.sampler)
+    steps = spec.steps if args.steps is None else args.steps
+    guidance_scale = spec.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    validate_generation(steps, args.height, args.width, spec.max_steps)
+    if not math.isfinite(guidance_scale):
+        raise UserError(f"--guidance_scale must be a finite number (got {guidance_scale})")
+    if not -(2**63) <= args.seed <= 2**64 - args.num_images:  # torch.Generator seeds: int64 or uint64
+        raise UserError(f"--seed must be in [-2**63, 2**64 - --num_images] (got {args.seed})")
+    for flag, value in {"--num_images": args.num_images, "--batch_size": args.batch_size}.items():
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1 (got {value})")
+    return steps, guidance_scale
+
+
+def choose_weights(model_args: ModelArguments, sampler: str, flags: set[str]) -> None:
+    """With no `--init_from`/`--adapter`, point `model_args` at the released LongSD weights (and
+    their `legacy` segmenter unless `--segmenter` is in `flags`); say which weights are used and
+    warn when the sampler needs an LCM stage the weights lack."""
+    if not model_args.init_from and model_args.adapter is None:
+        model_args.init_from, model_args.adapter = list(LONGSD_LORAS), LONGSD_ADAPTER
+        if "--segmenter" not in flags:
+            model_args.segmenter = "legacy"  # the split LongSD was trained with (METHOD.md §1: released by default)
+        print(
+            f"using the released LongSD weights: {LONGSD_ADAPTER}, {', '.join(LONGSD_LORAS)} "
+            f"(--segmenter {model_args.segmenter})"
+        )
+        if sampler != "unipc":
+            logging.warning("LongSD has no LCM LoRA: --sampler %s needs an lcm stage in --init_from for sharp images", sampler)
+    elif not model_args.init_from:
+        print(f"no --init_from: SD1.5 with the adapter {model_args.adapter} and no LoRA")
+    elif sampler != "unipc" and lacks_lcm_stage(model_args.init_from):
+        logging.warning("--sampler %s: none of the --init_from stages is an lcm stage, so the images will be blurred", sampler)
+
+
+def images_to_make(args: SampleArguments, prompts: list[str], settings: dict) -> list[tuple[int, str, int]]:
+    """(prompt index, prompt, k) for each image of this run that `--out` does not hold yet with
+    these settings; says how many are skipped and how many other images the folder holds."""
     os.makedirs(args.out, exist_ok=True)
     jobs = [(p, prompt, k) for p, prompt in enumerate(prompts) for k in range(args.num_images)]
     todo = [job for job in jobs if not already_made(args.out, *job, args.seed + job[2], settings, args.overwrite)]
@@ -144,27 +173,25 @@ def main(argv: list[str] | None = None) -> None:
     others = [path for path in glob.glob(os.path.join(args.out, "[0-9]*_[0-9]*.json")) if path not in this_run]
     if others:
         print(f"note: {len(others)} other image(s) in {args.out} are not part of this run and are left as they are")
-    if not todo:
-        return  # before loading any model: a finished run is checked in seconds
-    pipeline = LongPromptPipeline.from_pretrained(  # the sources resolved above: local paths, fetched once
-        model_args.pretrained_model, model_args.t5_model, adapter, loras, model_args.encoder_mode,
-        model_args.segmenter, model_args.token_length, device=device, dtype=dtype,
-    )  # fmt: skip
-    pipeline.set_sampler(args.sampler)
+    return todo
+
+
+def generate(pipeline: LongPromptPipeline, todo: list[tuple[int, str, int]], args: SampleArguments, settings: dict) -> None:
+    """Draw the `todo` images `--batch_size` per pipeline call, image k with seed `--seed + k`,
+    each written as PNG + sidecar as soon as its batch is done (so a cut-off run resumes)."""
     progress = tqdm(total=len(todo), desc="images", disable=len(todo) <= 1)
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start : start + args.batch_size]
         generators = [torch.Generator(device="cpu").manual_seed(args.seed + k) for _, _, k in batch]
         images, reports = pipeline(
-            [prompt for _, prompt, _ in batch], args.negative_prompt, steps, guidance_scale, args.height, args.width,
-            generators, show_progress=len(todo) == 1,
+            [prompt for _, prompt, _ in batch], args.negative_prompt, settings["steps"], settings["guidance_scale"],
+            args.height, args.width, generators, show_progress=len(todo) == 1,
         )  # fmt: skip
         for (prompt_index, prompt, k), image, report in zip(batch, images, reports):
             sidecar = {"prompt": prompt, "seed": args.seed + k, **settings, "encoding_report": report.to_dict()}
             write_image(image_stem(args.out, prompt_index, k), image, sidecar)
         progress.update(len(batch))
     progress.close()
-    print(f"wrote {len(todo)} image(s) to {args.out}", file=sys.stderr)
 
 
 def warn_about_stage_settings(model_args: ModelArguments) -> None:
