@@ -32,7 +32,7 @@ from longalign.reward import (
     preference_loss,
     reweighted_score,
 )
-from test_stages import free_port
+from _two_processes import two_cpu_processes
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -293,11 +293,8 @@ def test_gathered_direction_over_two_processes_equals_one_process(tmp_path, tiny
     from safetensors.torch import load_file
 
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), str(REPO / "tests" / "_gather_direction.py"), str(tmp_path), str(tiny_models["preference"]),
-    ]  # fmt: skip
+    script = REPO / "tests" / "_gather_direction.py"
+    command = [*two_cpu_processes(), str(script), str(tmp_path), str(tiny_models["preference"])]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]

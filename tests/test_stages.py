@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from safetensors.torch import load_file
 
 import train_align
 import train_lcm
+from _two_processes import two_cpu_processes
 from longalign.data import write_tiny_dataset
 from longalign.training import checkpoint_dirs
 from test_sample import expect_user_error
@@ -215,18 +215,9 @@ def test_interrupted_save_leaves_previous_checkpoint_latest(tmp_path):
     assert [d.name for d in checkpoint_dirs(tmp_path)] == ["step_0000002", "step_0000004"]
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_on_cpu(tmp_path, tiny_models, dataset):
     out = tmp_path / "ddp"
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-    ]  # fmt: skip
+    launch = two_cpu_processes()
     warmup = ("--lr_warmup_steps", "10")  # LR = 1e-3 * optimizer steps / 10 throughout these runs
     cmd = align_cmd(tiny_models, dataset, out, 2, "--cpu", *warmup)[1:]
     result = run([*launch, *cmd], tmp_path, env={"ACCELERATE_USE_CPU": "true"})
@@ -251,10 +242,7 @@ def test_later_stages_on_two_processes(chain, tiny_models, dataset, stage):
     inside the wrapped UNet, reward backpropagates through checkpointed rollout calls and gathers
     the common direction. The run's closing check fails if the ranks' weights part ways."""
     cwd, _ = chain
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-    ]  # fmt: skip
+    launch = two_cpu_processes()
     script = {"lcm": "train_lcm.py", "reward": "train_reward.py"}[stage]
     extra = ["--reward_model", str(tiny_models["preference"]), "--rollout", "ddim_cfg"] if stage == "reward" else []
     out = cwd / "runs" / f"{stage}-ddp"

@@ -243,17 +243,12 @@ def run_uneven_rows_loop(out: Path, *extra: str):
     """tests/_uneven_rows_loop.py under 2 CPU processes (accelerate launch); its CompletedProcess."""
     import os
     import subprocess
-    import sys
 
-    from test_stages import free_port
+    from _two_processes import two_cpu_processes
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-        str(root / "tests" / "_uneven_rows_loop.py"), str(out), *extra,
-    ]  # fmt: skip
+    command = [*two_cpu_processes(), str(root / "tests" / "_uneven_rows_loop.py"), str(out), *extra]
     return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=180)
 
 
