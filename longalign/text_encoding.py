@@ -251,6 +251,8 @@ class SegmentCLIPEncoder(nn.Module):
         given = segments if segments is not None else [None] * len(prompts)
         if len(given) != len(prompts):
             raise ValueError(f"{len(given)} segment lists for {len(prompts)} prompts")
+        if any(split is not None and not split for split in given):
+            raise ValueError("a prompt's segment list is empty; the empty prompt splits into ['']")
         segments_per_prompt = [self.split(prompt) if split is None else split for prompt, split in zip(prompts, given)]
         flat = [segment for segments in segments_per_prompt for segment in segments]
         sequences, content_counts = self.tokenize_segments(flat)

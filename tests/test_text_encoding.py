@@ -176,6 +176,8 @@ def test_segments_split_earlier_are_encoded_as_given(encoder):
     assert torch.equal(other.t5, plain.t5)  # T5 reads the whole prompt, never the segments
     with pytest.raises(ValueError, match="1 segment lists for 2 prompts"):
         encoder.encode_frozen(prompts, [None])
+    with pytest.raises(ValueError, match="segment list is empty"):
+        encoder.encode_frozen(prompts, [[], None])
 
 
 def test_padding_decided_by_length_not_id(encoder, tiny_models):
