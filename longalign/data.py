@@ -4,7 +4,7 @@ METHOD.md §6: the LongAlign data (`luping-liu/LongAlign` on the hub, ~2.27M row
 image `path` + long `caption`, images downloaded separately under an image root) or the user's
 own data (a `.jsonl` / `.csv` / `.parquet` file with the same two columns, or a folder of images
 with a `.txt` caption beside each). Images are resized (shorter side to 512), center-cropped and
-mapped to [-1, 1]; long captions are kept whole (paragraphs joined with one space).
+mapped to [-1, 1]; long captions are kept whole, paragraph breaks included (`normalize_caption`).
 
 How the training loop uses this module (one process per GPU, `accelerate launch`):
 
@@ -50,6 +50,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .loading import UserError, resolve_source
+from .text_encoding import paragraphs
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +121,11 @@ class DataSettings:
 
 # ------------------------------------------------------------------------------ caption table
 def normalize_caption(caption: str) -> str:
-    """Keep a long caption whole: paragraphs (blank lines) joined by one space, whitespace collapsed."""
-    return " ".join(caption.split())
+    """A caption with its whitespace made regular and its paragraphs kept: each paragraph's
+    whitespace collapsed to one space, the paragraphs joined by one blank line. The `sentences`
+    segmenter ends a segment at a paragraph break (METHOD.md §1), so training sees the breaks that
+    `sample.py --prompt` sees; CLIP's and T5's tokenizers read a blank line as a space."""
+    return "\n\n".join(paragraphs(caption))
 
 
 def _looks_like_file(name: str) -> bool:

@@ -38,6 +38,13 @@ LEGACY_PATTERN = re.compile(r'"!|\.|\?|;"')  # the released regex, quotes and al
 
 
 # --------------------------------------------------------------------------------- segmenters
+def paragraphs(text: str) -> list[str]:
+    """The text's paragraphs (split at blank lines), each with its whitespace runs collapsed to one
+    space; blank paragraphs are left out."""
+    collapsed = (" ".join(paragraph.split()) for paragraph in re.split(r"\n\s*\n", text))
+    return [paragraph for paragraph in collapsed if paragraph]
+
+
 def split_legacy(prompt: str, tokenizer: object = None) -> list[str]:
     """The released splitting rule, for exact parity with the released LongSD weights.
 
@@ -107,10 +114,7 @@ def split_sentences(prompt: str, tokenizer, max_tokens: int | None = None) -> li
         max_tokens = content_window(tokenizer)
     segmenter = pysbd.Segmenter(language="en", clean=False)
     sentences: list[str] = []
-    for paragraph in re.split(r"\n\s*\n", prompt):
-        paragraph = " ".join(paragraph.split())
-        if not paragraph:
-            continue
+    for paragraph in paragraphs(prompt):
         for sentence in segmenter.segment(paragraph):
             sentences.extend(clause for clause in re.split(r"(?<=;)\s+", sentence.strip()) if clause)
     segments = [piece for sentence in sentences for piece in fit_to_window(sentence, tokenizer, max_tokens)]

@@ -56,8 +56,8 @@ def test_jsonl_table_and_dataset(tmp_path):
     dataset = build_train_dataset(settings)
     example = dataset[0]
     assert example["index"] == 0
-    assert example["caption"] == " ".join(table[0]["caption"].split())
-    assert "\n" not in example["caption"] and "  " not in example["caption"]
+    paragraphs = [" ".join(p.split()) for p in table[0]["caption"].split("\n\n")]
+    assert example["caption"] == "\n\n".join(paragraphs)  # paragraphs kept, whitespace collapsed
     assert len(example["caption"].split()) > 77  # long captions are kept whole
     pixels = example["pixel_values"]
     assert pixels.shape == (3, 32, 32) and pixels.dtype == torch.float32
@@ -103,7 +103,7 @@ def test_image_folder_with_txt_captions(tmp_path):
     dataset = build_train_dataset(settings)
     red, bad, blue = dataset[0], dataset[1], dataset[2]
     assert bad.reason == "bad_caption"
-    assert red["caption"] == "First paragraph. Second paragraph."
+    assert red["caption"] == "First paragraph.\n\nSecond paragraph."
     # pure red -> channel 0 at +1, the others at -1; JPEG blue within a small tolerance
     assert torch.allclose(red["pixel_values"][:, 16, 16], torch.tensor([1.0, -1.0, -1.0]))
     assert blue["pixel_values"][2].mean() > 0.9 and blue["pixel_values"][0].mean() < -0.9

@@ -57,6 +57,25 @@ def test_sentences_goldens(tokenizer):
     ]
 
 
+def test_training_captions_split_as_sampling_prompts(encoder, tokenizer):
+    """A dataset caption is normalised before the DataLoader splits it; a paragraph break that no
+    full stop ends must still end a segment, as it does in the raw prompt `sample.py` splits."""
+    from longalign.data import normalize_caption
+
+    caption = "Overview: a  farm scene \n \n\tA red barn stands on the left. The sky is blue\n\n\n"
+    assert normalize_caption(caption) == "Overview: a farm scene\n\nA red barn stands on the left. The sky is blue"
+    expected = ["Overview: a farm scene", "A red barn stands on the left.", "The sky is blue"]
+    assert split_sentences(normalize_caption(caption), tokenizer) == split_sentences(caption, tokenizer) == expected
+    # The legacy rule keeps the break inside a segment, and CLIP and T5 read it as a space: the
+    # encoding is the one of the caption with its paragraphs joined by a space.
+    joined = " ".join(caption.split())
+    with torch.no_grad():
+        legacy = SegmentCLIPEncoder(tokenizer, encoder.clip.text_encoder, segmenter="legacy")
+        kept_clip, joined_clip = legacy([normalize_caption(caption), joined])[0]
+        kept_t5, joined_t5 = encoder.t5([normalize_caption(caption), joined])[0]
+    assert torch.equal(kept_clip, joined_clip) and torch.equal(kept_t5, joined_t5)
+
+
 def test_legacy_goldens():
     text = "Dr. Smith is 3.5 m tall! Is he? Yes; he is."
     assert split_legacy(text) == ["Dr.", "Smith is 3.", "5 m tall! Is he.", "Yes; he is."]
