@@ -29,9 +29,9 @@ SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 T5_LARGE = "google-t5/t5-large"
 ENCODER_MODES = ("clip+t5", "clip", "t5")
 
-# Released rule for <pad*>: the mean of CLIP's outputs for "" at positions 17..76 (the last 60
-# padding positions of the 77-token window).
-PAD_EMBEDDING_POSITIONS = slice(17, 77)
+# Released rule for <pad*>: the mean of CLIP's outputs for "" over the last 60 positions of the
+# window, all padding (positions 17..76 of SD1.5's 77).
+PAD_EMBEDDING_POSITIONS = 60
 
 Segmenter = Callable[[str, "object"], list[str]]
 LEGACY_PATTERN = re.compile(r'"!|\.|\?|;"')  # the released regex, quotes and all
@@ -203,6 +203,8 @@ class SegmentCLIPEncoder(nn.Module):
         self.token_length = checked_token_length(token_length)
         self.segmenter = get_segmenter(segmenter)
         self.window = context_window(tokenizer, text_encoder)
+        if self.window < PAD_EMBEDDING_POSITIONS + 2:  # <sot> <eot> and the padding <pad*> averages
+            raise UserError(f"CLIP's window is {self.window} tokens; <pad*> needs <sot>, <eot> and {PAD_EMBEDDING_POSITIONS} padding positions")
         specials = tokenizer("", add_special_tokens=True)["input_ids"]
         if len(specials) != 2:
             raise UserError(f"tokenizer must wrap text as <sot> text <eot>; it gives {specials} for ''")
@@ -216,7 +218,7 @@ class SegmentCLIPEncoder(nn.Module):
         input_ids = [self.sot_id, self.eot_id] + [self.pad_id] * (self.window - 2)
         device = next(self.text_encoder.parameters()).device
         hidden = self.text_encoder(torch.tensor([input_ids], device=device)).last_hidden_state
-        return hidden[0, PAD_EMBEDDING_POSITIONS].mean(dim=0)  # (D,)
+        return hidden[0, -PAD_EMBEDDING_POSITIONS:].mean(dim=0)  # (D,)
 
     def split(self, prompt: str) -> list[str]:
         """The prompt's segments under this encoder's segmenter."""

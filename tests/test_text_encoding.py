@@ -1,5 +1,6 @@
 """Segment-level encoding: segmenters, the exact token policy, reports, adapter, modes (issue 2)."""
 
+import copy
 import json
 import logging
 import shutil
@@ -132,6 +133,10 @@ def test_pad_embedding_is_mean_of_empty_prompt_padding(encoder):
     clip = encoder.clip
     hidden, _ = plain_clip(clip, "")
     torch.testing.assert_close(clip.pad_embedding, hidden[17:77].mean(0))  # the released rule, spelled out: the last 60
+    short = copy.deepcopy(clip.tokenizer)
+    short.model_max_length = 61  # one position short of <sot>, <eot> and the 60 padding positions
+    with pytest.raises(UserError, match="window is 61 tokens"):
+        SegmentCLIPEncoder(short, clip.text_encoder)
 
 
 def test_one_segment_prompt_equals_plain_clip_then_pad(encoder):
