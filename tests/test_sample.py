@@ -293,6 +293,15 @@ def test_lcm_on_the_released_weights_is_warned_about(capsys, caplog, monkeypatch
     with pytest.raises(SystemExit):
         sample.main(["--prompt", "a cat", "--segmenter=sentences"])
     assert "(--segmenter sentences)" in capsys.readouterr().out  # unless asked for another
+    assert "trained on prompts split by --segmenter legacy; this run splits them by --segmenter sentences" in caplog.text
+    caplog.clear()
+    with pytest.raises(SystemExit):  # the released files named one by one: the default segmenter is warned about
+        sample.main(["--prompt", "a cat", "--adapter", "luping-liu/LongSD/s28750_adapter", "--init_from", "x/lora.pt"])
+    assert "luping-liu/LongSD/s28750_adapter was trained on prompts split by --segmenter legacy" in caplog.text
+    caplog.clear()
+    with pytest.raises(SystemExit):
+        sample.main(["--prompt", "a cat", "--init_from", "luping-liu/LongSD/s28750_lora_vis.pt", "--segmenter", "legacy"])
+    assert "trained on prompts split" not in caplog.text
 
 
 def test_released_lcm_sampler_steps_to_the_x0_prediction(monkeypatch):
