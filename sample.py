@@ -59,7 +59,7 @@ class SampleArguments:
     overwrite: bool = field(default=False, metadata={"help": "regenerate this run's images where --out holds them made with other settings"})
     batch_size: int = field(default=1, metadata={"help": "images per pipeline call (each keeps its own seed)"})
     device: str | None = field(default=None, metadata={"help": "cuda, cpu, ... (default: cuda if available)"})
-    dtype: str | None = field(default=None, metadata={"help": "float32, float16 or bfloat16 (default: float16 on GPU, float32 on CPU)"})
+    dtype: str | None = field(default=None, metadata={"help": "float32, float16 or bfloat16 (default: bfloat16 on a GPU that has it, as the stages train; else float16 on GPU, float32 on CPU)"})
 
 
 def read_prompts(args: SampleArguments) -> list[str]:
@@ -77,9 +77,11 @@ def given_flags(argv: list[str] | None) -> set[str]:
 
 
 def resolve_device(args: SampleArguments) -> tuple[str, torch.dtype]:
-    """Device and dtype: CUDA in float16 when available, else CPU in float32."""
+    """Device and dtype: CUDA when available, in bfloat16 (the stages' training precision,
+    METHOD.md §5) where the card has it, else float16; the CPU in float32."""
     device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype_name = args.dtype or ("float16" if device.startswith("cuda") else "float32")
+    gpu_dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float16"
+    dtype_name = args.dtype or (gpu_dtype if device.startswith("cuda") else "float32")
     if dtype_name not in DTYPES:
         raise UserError(f"unknown --dtype '{dtype_name}'; choose one of: {', '.join(DTYPES)}")
     return device, DTYPES[dtype_name]

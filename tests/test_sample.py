@@ -341,3 +341,14 @@ def test_each_prompt_of_a_batch_conditions_its_own_image(tiny_models):
     expected = torch.cat([pipeline.encode(["blurry"])[0].expand(2, -1, -1), *(pipeline.encode([p])[0] for p in prompts)])
     assert len(seen) == 2 and all(torch.allclose(context, expected, atol=1e-5) for context in seen)
     assert not torch.allclose(expected[2], expected[3], atol=1e-3)  # the prompts do encode differently
+
+
+def test_default_dtype_follows_the_device(monkeypatch):
+    """bfloat16 on a GPU that has it (the stages train in bf16), float16 on one that has not,
+    float32 on the CPU; --dtype wins. The GPU is faked: only the choice is tested here."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for bf16, expected in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
+        assert sample.resolve_device(sample.SampleArguments()) == ("cuda", expected)
+    assert sample.resolve_device(sample.SampleArguments(device="cpu")) == ("cpu", torch.float32)
+    assert sample.resolve_device(sample.SampleArguments(dtype="float16")) == ("cuda", torch.float16)
