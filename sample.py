@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from longalign.config import ModelArguments, parse_flags
-from longalign.loading import UserError, check_device, check_folder_path, cli_entry, read_prompt_file
+from longalign.loading import UserError, check_device, check_folder_path, cli_entry, content_digest, read_prompt_file
 from longalign.pipeline import (
     LONGSD,
     LONGSD_ADAPTER,
@@ -112,6 +112,10 @@ def main(argv: list[str] | None = None) -> None:
         "width": args.width,
         "dtype": str(dtype).replace("torch.", ""),
         "checkpoints": checkpoints,
+        "checkpoint_sha256": {  # a stage retrained at the same path is another checkpoint
+            "adapter": content_digest(adapter) if adapter else None,
+            "init_from": [content_digest(lora) for lora in loras],
+        },
         "encoder": {"mode": model_args.encoder_mode, "segmenter": model_args.segmenter, "token_length": model_args.token_length},
     }
     settings = json.loads(json.dumps(settings))

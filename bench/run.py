@@ -66,7 +66,7 @@ if str(ROOT) not in sys.path:  # `python bench/run.py` puts bench/ first on the 
 
 import torch
 
-from longalign.loading import cli_entry
+from longalign.loading import UserError, check_device, check_folder_path, cli_entry
 
 STAGES = ("align", "lcm", "reward", "reward_lcm", "sample")
 STAGE_CHOICES = (*STAGES, "all", "chain")
@@ -332,14 +332,17 @@ class Recorder:
         self.path = path
         self.run = run
         self.previous: list = []
+        if path is not None:
+            check_folder_path(str(path.parent), "--out")
         if path is not None and path.exists():
             try:
                 loaded = json.loads(path.read_text())
-                self.previous = loaded if isinstance(loaded, list) else [loaded]
-            except (OSError, json.JSONDecodeError):
-                backup = path.with_suffix(path.suffix + ".corrupt")
-                shutil.copy(path, backup)
-                print(f"warning: {path} was not valid JSON; kept as {backup}", file=sys.stderr)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                loaded = None
+            runs = loaded if isinstance(loaded, list) else [loaded]
+            if not all(isinstance(old, dict) and "results" in old for old in runs):  # ours are written whole
+                raise UserError(f"--out '{path}' is not a results file of bench/run.py; name a new file or one it wrote")
+            self.previous = runs
 
     def add(self, kind: str, record: dict[str, Any]) -> None:
         self.run[kind].append(record)
@@ -1109,9 +1112,9 @@ def parse_options(argv: list[str] | None) -> tuple[Options | None, argparse.Name
         if ns.threads < 1:
             parser.error("--threads must be >= 1")
         torch.set_num_threads(ns.threads)
-    device = torch.device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but CUDA is not available")
+    device = torch.device(check_device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    if ns.models:
+        check_folder_path(ns.models, "--models")
     gpu = device.type == "cuda"
     if ns.gpu_table:
         if ns.size != "sd15":

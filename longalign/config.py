@@ -176,6 +176,10 @@ class TrainingArguments(DataSettings):
             raise UserError(f"--lora_dropout must be in [0, 1) (got {self.lora_dropout})")
         if self.dataloader_num_workers < 0:
             raise UserError(f"--dataloader_num_workers must be 0 or more (got {self.dataloader_num_workers})")
+        if self.lr_warmup_steps < 0:
+            raise UserError(f"--lr_warmup_steps must be 0 or more (got {self.lr_warmup_steps})")
+        if not 0 <= self.seed < 2**32:  # accelerate's set_seed seeds numpy too
+            raise UserError(f"--seed must be in [0, 2**32) (got {self.seed})")
 
 
 @dataclass

@@ -8,6 +8,7 @@ entry points print as one line with exit code 2 (DESIGN.md, "Fail loudly and cle
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 import sys
@@ -24,13 +25,14 @@ class UserError(Exception):
 
 
 def cli_entry(main: Callable[..., T]) -> Callable[..., T]:
-    """Wrap a command-line `main`: a `UserError` prints `error: ...` on stderr and exits 2."""
+    """Wrap a command-line `main`: a `UserError`, or an `OSError` from the file system (a folder
+    that cannot be made, a full disk, no permission), prints `error: ...` on stderr and exits 2."""
 
     @functools.wraps(main)
     def wrapped(*args: Any, **kwargs: Any) -> T:
         try:
             return main(*args, **kwargs)
-        except UserError as error:
+        except (UserError, OSError) as error:
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
 
@@ -64,13 +66,28 @@ def check_device(device: str) -> str:
 
 
 def check_folder_path(path: str, flag: str) -> None:
-    """A `UserError` when `path` cannot be (or become) a folder: it, or the nearest part of it that
-    exists, is a file."""
+    """A `UserError` when `path` cannot be (or become) a folder we write in: it, or the nearest part
+    of it that exists, is a file or is not writable."""
     for part in [path, *(str(parent) for parent in Path(path).parents)]:
         if os.path.exists(part):
             if not os.path.isdir(part):
                 raise UserError(f"{flag} '{path}': '{part}' is a file, not a folder")
+            if not os.access(part, os.W_OK | os.X_OK):
+                raise UserError(f"{flag} '{path}': '{part}' is not writable")
             return
+
+
+def content_digest(path: str) -> str:
+    """The first 16 hex digits of the sha256 of a file's bytes, or of a folder's files (each one's
+    path inside the folder, then its bytes, in path order): what a checkpoint holds, so one
+    retrained at the same path is told apart from the one it replaced."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    for file in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0")
+        with open(file, "rb") as handle:
+            digest.update(hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()[:16]
 
 
 def read_prompt_file(path: str, flag: str) -> list[str]:

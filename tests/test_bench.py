@@ -41,7 +41,7 @@ NO_FLOPS = {"reward_all50_nockpt", *(f"align_{kind}" for kind in set(ALIGN_ABLAT
 def tiny_run(tmp_path_factory):
     """One timed step per stage on the tiny models (reward rollout shortened to 10 DDIM steps)."""
     out = tmp_path_factory.mktemp("bench") / "results.json"
-    out.write_text(json.dumps([{"earlier": "run"}]))  # the run is appended, earlier runs kept
+    out.write_text(json.dumps([{"earlier": "run", "results": []}]))  # the run is appended, earlier runs kept
     command = [
         sys.executable, str(ROOT / "bench" / "run.py"), "--size", "tiny", "--stage", "all",
         "--steps", "1", "--warmup", "0", "--reward-steps", "10", "--threads", "1", "--device", "cpu", "--out", str(out),
@@ -55,7 +55,7 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_run_reports_every_stage(tiny_run):
     runs, stdout = tiny_run
-    assert len(runs) == 2 and runs[0] == {"earlier": "run"}
+    assert len(runs) == 2 and runs[0] == {"earlier": "run", "results": []}
     run = runs[1]
     assert run["machine"]["cpu"] and run["machine"]["versions"]["torch"] == torch.__version__
     assert run["date"] and run["command"].startswith("python bench/run.py --size tiny")
@@ -234,15 +234,39 @@ def test_peak_table(name, tflops):
 
 def test_recorder_appends_and_rewrites(tmp_path):
     path = tmp_path / "results.json"
-    path.write_text(json.dumps([{"run": 1}]))
+    path.write_text(json.dumps([{"run": 1, "results": []}]))
     run = {"results": [], "comparisons": []}
     recorder = Recorder(path, run)
     recorder.add("results", {"name": "align", "status": "oom", "error": "OutOfMemoryError", "batch_size": 16, "resolution": 512})
     recorder.add("results", {"name": "lcm", "status": "ok", "batch_size": 16, "resolution": 512, "step_time_median_s": 0.5})
     saved = json.loads(path.read_text())
-    assert saved[0] == {"run": 1} and [r["name"] for r in saved[1]["results"]] == ["align", "lcm"]
+    assert saved[0] == {"run": 1, "results": []} and [r["name"] for r in saved[1]["results"]] == ["align", "lcm"]
     table = markdown(run)
     assert "| align | 16 | 512 |" in table and "| oom |" in table
+
+
+def test_bad_out_device_and_models_are_refused_before_anything_runs(tmp_path, capsys):
+    """A file bench/run.py did not write is never its --out (a dataset named by mistake stays as it
+    was); a device torch does not know and a --models that is a file get one line each."""
+    from bench.run import main
+
+    dataset = tmp_path / "train.jsonl"
+    dataset.write_text('{"path": "a.png", "caption": "a cat"}\n{"path": "b.png", "caption": "a dog"}\n')
+    other_json = tmp_path / "other.json"
+    other_json.write_text('{"lr": 3e-5}')
+    tiny = ["--size", "tiny", "--stage", "align", "--steps", "1", "--warmup", "0", "--no-compare", "--no-flops"]
+    for argv, fragment in [
+        ([*tiny, "--out", str(dataset)], "is not a results file of bench/run.py"),
+        ([*tiny, "--out", str(other_json)], "is not a results file of bench/run.py"),
+        ([*tiny, "--device", "foo"], "unknown --device 'foo'"),
+        ([*tiny, "--models", str(dataset)], "is a file, not a folder"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and err[-1].startswith("error:") and fragment in err[-1], err
+    assert dataset.read_text().startswith('{"path": "a.png"') and other_json.read_text() == '{"lr": 3e-5}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.json", "train.jsonl"]  # no backup, no .tmp
 
 
 def test_random_weights_never_overwrite_a_real_model_folder(tmp_path, capsys):

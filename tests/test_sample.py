@@ -162,6 +162,21 @@ def test_rerun_resumes_and_batching_keeps_each_seed(tiny_models, tmp_path, capsy
     assert "Loading weights" not in out  # nothing to make: no model was loaded
 
 
+def test_a_stage_retrained_at_the_same_path_is_not_taken_for_the_old_one(tiny_models, loras, tmp_path, capsys):
+    """Sidecars record what the checkpoints held, not only where they were: images of a stage that
+    was trained again into the same folder are not skipped as already made."""
+    from safetensors.torch import load_file, save_file
+
+    stage = tmp_path / "align"
+    shutil.copytree(loras / "align", stage)
+    argv = [*small(tiny_models, stage), "--steps", "1", "--out", str(tmp_path / "out")]
+    run_sample(argv, tmp_path, capsys)
+    assert "already in" in run_sample(argv, tmp_path, capsys)  # the same files: skipped
+    weights = stage / "pytorch_lora_weights.safetensors"
+    save_file({name: 2 * tensor for name, tensor in load_file(weights).items()}, weights)
+    expect_user_error(argv, capsys, "checkpoint_sha256", "--overwrite")
+
+
 # -------------------------------------------------------------------------------- bad input
 def expect_user_error(argv, capsys, *fragments, main=sample.main):
     """`main` (sample.py's, or a stage script's) must exit 2 with one `error:` line naming the problem
@@ -196,9 +211,23 @@ def test_bad_sizes_and_steps(tiny_models, capsys, monkeypatch):
     expect_user_error([*small(tiny_models), "--token_length", "100000"], capsys, "--token_length must be in [1, 1024]")
 
 
-def test_out_that_is_a_file_is_refused(tiny_models, tmp_path, capsys):
+def test_out_that_is_a_file_or_not_writable_is_refused(tiny_models, tmp_path, capsys, monkeypatch):
     (tmp_path / "images").write_text("not a folder")
     expect_user_error([*small(tiny_models), "--out", str(tmp_path / "images")], capsys, "is a file, not a folder")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(tmp_path) and real_access(path, mode))
+    expect_user_error([*small(tiny_models), "--out", str(tmp_path / "new" / "out")], capsys, f"'{tmp_path}' is not writable")
+
+
+def test_a_file_system_error_is_one_line(tiny_models, tmp_path, capsys, monkeypatch):
+    """An OSError the checks could not foresee (no permission as root, a full disk) still ends
+    the command with one `error:` line, not a traceback."""
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "out"))
+
+    monkeypatch.setattr(os, "makedirs", refuse)
+    expect_user_error([*small(tiny_models), "--out", str(tmp_path / "out")], capsys, "Permission denied", str(tmp_path / "out"))
 
 
 def test_prompt_file_with_a_byte_order_mark(tmp_path):

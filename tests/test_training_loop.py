@@ -156,6 +156,7 @@ def test_stage_arguments_are_checked():
         (dict(learning_rate=float("inf")), "--learning_rate must be a positive"), (dict(adam_beta1=1.5), "--adam_beta1 must be in"),
         (dict(adam_epsilon=-1.0), "--adam_epsilon"), (dict(validation_steps=-1), "--validation_steps"),
         (dict(learning_rate=-1e-5), "--learning_rate"), (dict(huber_c=0.0), "--huber_c"), (dict(dataloader_num_workers=-1), "--dataloader_num_workers"),
+        (dict(lr_warmup_steps=-1), "--lr_warmup_steps"), (dict(seed=-1), r"--seed must be in \[0, 2\*\*32\)"), (dict(seed=2**32), "--seed"),
     ]:  # fmt: skip
         with pytest.raises(UserError, match=match):
             AlignArguments(**flags)
