@@ -41,6 +41,7 @@ import json
 import logging
 import math
 import os
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -711,7 +712,14 @@ def make_dataloader(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        worker_init_fn=ignore_interrupts,
     )
+
+
+def ignore_interrupts(worker_id: int) -> None:
+    """A DataLoader worker leaves Ctrl-C to the training process, which stops at the end of the
+    optimizer step with a checkpoint; a worker it killed would end the run with a DataLoader error."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ------------------------------------------------------------------------------ test data

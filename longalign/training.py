@@ -20,6 +20,9 @@ import logging
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -307,12 +310,13 @@ def check_optimizer_settings(checkpoint: Path, args: TrainingArguments) -> None:
 
 # Training flags that may change on a resume without a word (where and how long the run goes, what
 # it logs, memory), and those that must not (the data order and what trains). Any other change, e.g.
-# the batch size or accumulation (the global batch from here on), is named in a warning.
+# the batch size or accumulation (the global batch from here on) or the --dataset and --image_root
+# (data that moved, or other data with as many rows), is named in a warning.
 RESUMABLE_FLAGS = frozenset({
     "output_dir", "resume_from", "overwrite", "max_train_steps", "num_train_epochs", "checkpointing_steps",
     "checkpoints_total_limit", "validation_steps", "validation_prompts", "report_to", "dataloader_num_workers",
-    "cpu", "max_nonfinite_steps", "max_bad_fraction", "min_rows_before_check", "warn_every_rows", "image_root",
-    "cache_dir", "dataset", "gradient_checkpointing",
+    "cpu", "max_nonfinite_steps", "max_bad_fraction", "min_rows_before_check", "warn_every_rows",
+    "cache_dir", "gradient_checkpointing",
 })  # fmt: skip
 FIXED_FLAGS = frozenset({"seed", "max_rows", "lora_rank", "train_adapter", "rollout"})
 
@@ -669,6 +673,49 @@ def every_rank(accelerator: Accelerator, flag: bool) -> bool:
     return bool(flags.min())
 
 
+class StopSignals:
+    """While active: SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 (a cluster's notice before it ends a job)
+    ask the loop to stop. `received` is the first one's number (0: none); the loop shares it over
+    the ranks, checkpoints at the end of the accumulation window and exits (`stopped`), so
+    `--resume_from latest` continues exactly. A second Ctrl-C stops at once. Outside the main
+    thread (where Python cannot take signals) it does nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {signum: signal.signal(signum, self.handle) for signum in self.SIGNALS}
+        return self
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not self.received:
+            self.received = signum
+            logger.warning("%s: stopping at the end of this optimizer step, with a checkpoint", signal.Signals(signum).name)
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def stopped(accelerator: Accelerator, args: TrainingArguments, signum: int, step: int) -> None:
+    """End a run that a signal stopped (`StopSignals`): say where its checkpoint is and exit with
+    128 + the signal's number, as a process that signal ended would; `final/` is not written."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    name = signal.Signals(signum).name
+    found = checkpoint_dirs(args.output_dir)
+    if accelerator.is_main_process:
+        where = f"its checkpoint is {found[-1]}; continue with --resume_from latest" if step and found else "no step was made"
+        print(f"stopped by {name} at step {step}: {where}", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
 def step_seed(seed: int, micro_step: int, rank: int) -> int:
     """The seed of one micro-step on one rank (noise, timesteps, dropout): a pure function."""
     return (seed * 1_000_003 + micro_step * 1_009 + rank) % (2**63 - 1)
@@ -845,72 +892,83 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
         stage_files = functools.partial(write_stage_files, accelerator, args, model_args, parts, stage.name)
         save_checkpoint(accelerator, args, state["global_step"], prepared_modules, optimizer, lr_scheduler, full_state, stage_files)
 
-    finished = training_done(args, state["global_step"], sampler)
-    while not finished:
-        for batch in loader:
-            # One collective per micro-step: every rank's usable rows and `batch_counts`, (P, 2 + reasons).
-            counts = torch.tensor([[len(batch["caption"]), *monitor.batch_counts(batch)]], device=accelerator.device)
-            counts = accelerator.gather(counts)
-            monitor.update(batch, counts[:, 1:].sum(0).tolist())  # all ranks count alike and stop together
-            sampler.advance(batch["num_rows"])
-            seed = step_seed(args.seed, state["micro_step"], accelerator.process_index)
-            torch.manual_seed(seed)  # LoRA / adapter dropout
-            generator = torch.Generator().manual_seed(seed)
-            usable = bool(counts[:, 0].min() > 0)  # every row of a batch can be bad (skipped)
-            done = micro_step(accelerator, args, stage, batch, generator, usable, params, optimizer, lr_scheduler)
-            state["micro_step"] += 1
-            if done.finite_loss:
-                counted += 1
-                for key, value in {"loss": done.loss, **done.logs}.items():
-                    running[key] = running.get(key, 0.0) + value
-            elif not done.usable:
-                logger.warning("micro-step %d skipped: a batch had no usable rows", state["micro_step"])
-            else:
-                logger.warning("non-finite loss at micro-step %d: skipped", state["micro_step"])
-            if done.usable and not (done.finite_loss and done.finite_grads):
+    with StopSignals() as stop:  # SIGTERM, SIGINT, SIGUSR1: a checkpoint at the next optimizer step, then exit
+        finished = training_done(args, state["global_step"], sampler)
+        stop_signal = 0  # the signal that asked the ranks to stop (0: none), the same on every rank
+        halted = False  # stopped for it, at the end of an accumulation window (where a checkpoint is exact)
+        while not finished and not halted:
+            for batch in loader:
+                # One collective per micro-step: every rank's usable rows, the signal it received (0: none)
+                # and `batch_counts`, (P, 3 + reasons).
+                counts = [len(batch["caption"]), stop.received, *monitor.batch_counts(batch)]
+                counts = accelerator.gather(torch.tensor([counts], device=accelerator.device))
+                stop_signal = stop_signal or int(counts[:, 1].max())  # every rank sees it at the same micro-step
+                monitor.update(batch, counts[:, 2:].sum(0).tolist())  # all ranks count alike and stop together
+                sampler.advance(batch["num_rows"])
+                seed = step_seed(args.seed, state["micro_step"], accelerator.process_index)
+                torch.manual_seed(seed)  # LoRA / adapter dropout
+                generator = torch.Generator().manual_seed(seed)
+                usable = bool(counts[:, 0].min() > 0)  # every row of a batch can be bad (skipped)
+                done = micro_step(accelerator, args, stage, batch, generator, usable, params, optimizer, lr_scheduler)
+                state["micro_step"] += 1
                 if done.finite_loss:
-                    logger.warning("non-finite gradient at micro-step %d: skipped", state["micro_step"])
-                state["nonfinite_in_a_row"] += 1  # since the last optimizer step
-                if state["nonfinite_in_a_row"] >= args.max_nonfinite_steps:
-                    raise UserError(
-                        f"{state['nonfinite_in_a_row']} non-finite losses or gradients without an optimizer step "
-                        "between them; lower --learning_rate or use --mixed_precision bf16/no"
-                    )
-            if not accelerator.sync_gradients:
-                continue
-            if not done.stepped:
-                # No update: the window's gradients are dropped and the step is not counted, so
-                # global_step, the LR schedule and the checkpoints count optimizer steps only.
-                logger.warning("no optimizer step at micro-step %d: its window's gradients are dropped", state["micro_step"])
+                    counted += 1
+                    for key, value in {"loss": done.loss, **done.logs}.items():
+                        running[key] = running.get(key, 0.0) + value
+                elif not done.usable:
+                    logger.warning("micro-step %d skipped: a batch had no usable rows", state["micro_step"])
+                else:
+                    logger.warning("non-finite loss at micro-step %d: skipped", state["micro_step"])
+                if done.usable and not (done.finite_loss and done.finite_grads):
+                    if done.finite_loss:
+                        logger.warning("non-finite gradient at micro-step %d: skipped", state["micro_step"])
+                    state["nonfinite_in_a_row"] += 1  # since the last optimizer step
+                    if state["nonfinite_in_a_row"] >= args.max_nonfinite_steps:
+                        raise UserError(
+                            f"{state['nonfinite_in_a_row']} non-finite losses or gradients without an optimizer step "
+                            "between them; lower --learning_rate or use --mixed_precision bf16/no"
+                        )
+                if not accelerator.sync_gradients:
+                    continue
+                if not done.stepped:
+                    # No update: the window's gradients are dropped and the step is not counted, so
+                    # global_step, the LR schedule and the checkpoints count optimizer steps only.
+                    logger.warning("no optimizer step at micro-step %d: its window's gradients are dropped", state["micro_step"])
+                    running, counted = {}, 0
+                    if state["micro_step"] - last_update > micro_steps_per_epoch + args.gradient_accumulation_steps:
+                        raise UserError("a whole epoch passed without an optimizer step (no usable rows, or none with finite gradients)")
+                    if finished := training_done(args, state["global_step"], sampler):
+                        if state["global_step"]:  # the epochs end on a dropped window: final/ needs its checkpoint
+                            checkpoint()
+                        break
+                    if halted := bool(stop_signal):
+                        if state["global_step"]:
+                            checkpoint()
+                        break
+                    continue
+                last_update = state["micro_step"]
+                state["nonfinite_in_a_row"] = 0
+                state["global_step"] += 1
+                step = state["global_step"]
+                logged = {key: value / max(counted, 1) for key, value in running.items()}
+                logged["lr"] = done.lr
+                logged["grad_norm"] = done.grad_norm
                 running, counted = {}, 0
-                if state["micro_step"] - last_update > micro_steps_per_epoch + args.gradient_accumulation_steps:
-                    raise UserError("a whole epoch passed without an optimizer step (no usable rows, or none with finite gradients)")
-                if finished := training_done(args, state["global_step"], sampler):
-                    if state["global_step"]:  # the epochs end on a dropped window: final/ needs its checkpoint
-                        checkpoint()
+                accelerator.log(logged, step=step)
+                progress.update(1)
+                progress.set_postfix(loss=f"{logged.get('loss', float('nan')):.4f}")
+                finished = training_done(args, step, sampler)
+                if step % args.checkpointing_steps == 0 or finished or stop_signal:
+                    checkpoint()
+                if args.validation_steps and step % args.validation_steps == 0 and not (finished or stop_signal):
+                    validate(accelerator, args, parts, stage.validation, step)
+                if finished or (halted := bool(stop_signal)):
                     break
-                continue
-            last_update = state["micro_step"]
-            state["nonfinite_in_a_row"] = 0
-            state["global_step"] += 1
-            step = state["global_step"]
-            logged = {key: value / max(counted, 1) for key, value in running.items()}
-            logged["lr"] = done.lr
-            logged["grad_norm"] = done.grad_norm
-            running, counted = {}, 0
-            accelerator.log(logged, step=step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{logged.get('loss', float('nan')):.4f}")
-            finished = training_done(args, step, sampler)
-            if step % args.checkpointing_steps == 0 or finished:
-                checkpoint()
-            if args.validation_steps and step % args.validation_steps == 0 and not finished:
-                validate(accelerator, args, parts, stage.validation, step)
-            if finished:
-                break
-        else:
-            sampler.next_epoch()
+            else:
+                sampler.next_epoch()
     progress.close()
+    if halted:
+        stopped(accelerator, args, stop_signal, state["global_step"])
     check_ranks_agree(accelerator, params)
     final = write_final(accelerator, args, model_args, parts, stage.name, state["global_step"], stage.validation.sampler)
     validate(accelerator, args, parts, stage.validation, state["global_step"])

@@ -3,6 +3,8 @@
 import importlib.util
 import json
 import logging
+import os
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -209,6 +211,34 @@ def test_checkpoints_hold_only_safetensors_and_json_and_resume_exactly(tmp_path,
     assert every_file and all(p.suffix in (".safetensors", ".json") for p in every_file)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_at_the_window_end_with_a_checkpoint_that_resumes_exactly(tmp_path, no_final, signum, capsys):
+    """SIGTERM (a cluster ending the job) or Ctrl-C in the middle of an accumulation window: the
+    window is finished, checkpointed, and the process exits 128 + signal; the resumed run ends
+    with the weights of a run never stopped."""
+    flags = dict(checkpointing_steps=100, learning_rate=0.1, lr_warmup_steps=3, gradient_accumulation_steps=2, max_train_steps=6)
+    straight = tiny_loop(tmp_path / "straight", data_and_noise_loss, **flags)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    calls = []
+
+    def signalled_loss(parts, batch, generator):
+        calls.append(1)
+        if len(calls) == 5:  # the first micro-step of optimizer step 3's window
+            os.kill(os.getpid(), signum)
+        return data_and_noise_loss(parts, batch, generator)
+
+    with pytest.raises(SystemExit) as exit_info:
+        tiny_loop(tmp_path / "stopped", signalled_loss, **flags)
+    assert exit_info.value.code == 128 + signum and len(calls) == 6  # the window's second micro-step ran too
+    checkpoints = checkpoint_dirs(str(tmp_path / "stopped" / "run"))
+    assert [c.name for c in checkpoints] == ["step_0000003"]
+    assert f"stopped by {signal.Signals(signum).name} at step 3: its checkpoint is {checkpoints[0]}" in capsys.readouterr().err
+    assert {signum: signal.getsignal(signum) for signum in handlers} == handlers  # the loop's handlers are gone
+    resumed = tiny_loop(tmp_path / "stopped", data_and_noise_loss, resume_from="latest", **flags)
+    for name, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+
+
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, no_final):
     tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=2, checkpointing_steps=2)
     for flags, match in [(dict(learning_rate=0.5), "--learning_rate 0.5 differs from the checkpoint's 3e-05"),
@@ -279,6 +309,21 @@ def test_too_many_bad_rows_stop_every_rank_at_once(tmp_path):
     assert len(errors) == 2 and errors[0].split(" were skipped")[0] == errors[1].split(" were skipped")[0], result.stderr[-3000:]
     result = run_uneven_rows_loop(tmp_path / "epoch", "0.4", "200")  # the bad row comes in the first 2 rows
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """SIGUSR1 reaches rank 1 only: both ranks learn of it in the micro-step's collective, save
+    one checkpoint at the same step and exit; the run then resumes on both to its end."""
+    from safetensors.torch import load_file
+
+    result = run_uneven_rows_loop(tmp_path, "0.9", "2", "6", "3")
+    assert result.returncode != 0 and result.stderr.count("SIGUSR1: stopping at the end of this optimizer step") == 1
+    assert "stopped by SIGUSR1 at step 4: its checkpoint is" in result.stderr, result.stderr[-3000:]  # dropped windows count no step
+    assert [c.name for c in checkpoint_dirs(str(tmp_path / "run"))] == ["step_0000004"]
+    result = run_uneven_rows_loop(tmp_path, "0.9", "2", "6")
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = (load_file(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1))
+    assert all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_what_trains_is_in_train_mode_for_the_loss_and_in_eval_mode_for_validation(tmp_path, tiny_models):
@@ -572,6 +617,9 @@ def test_a_resume_on_other_models_is_refused_and_changed_flags_are_named(tmp_pat
     assert refused == ["--init_from [] (this run: ['runs/lcm-x/final'])"]
     assert resumed_differences(checkpoint, ModelArguments(token_length=120), args)["refused"][0].startswith("--token_length 240")
     assert resumed_differences(checkpoint, ModelArguments(), args) == {"refused": [], "changed": []}  # only a longer run
+    args.dataset = "moved/unused.jsonl"  # data that moved, or other data with as many rows: said, not refused
+    assert resumed_differences(checkpoint, ModelArguments(), args)["changed"] == ["--dataset unused.jsonl (this run: moved/unused.jsonl)"]
+    args.dataset = "unused.jsonl"
     args.caption_dropout, args.seed, args.gradient_accumulation_steps = 0.2, 1, 2
     assert resumed_differences(checkpoint, ModelArguments(), args) == {
         "refused": ["--seed 0 (this run: 1)"],
