@@ -696,7 +696,7 @@ class StopSignals:
             raise KeyboardInterrupt
         if not self.received:
             self.received = signum
-            logger.warning("%s: stopping at the end of this optimizer step, with a checkpoint", signal.Signals(signum).name)
+            logger.warning("%s: stopping with a checkpoint once the optimizer step under way (or the next) ends", signal.Signals(signum).name)
 
     def __exit__(self, *exc_info: object) -> None:
         for signum, handler in self.previous.items():

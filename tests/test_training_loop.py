@@ -317,7 +317,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     from safetensors.torch import load_file
 
     result = run_uneven_rows_loop(tmp_path, "0.9", "2", "6", "3")
-    assert result.returncode != 0 and result.stderr.count("SIGUSR1: stopping at the end of this optimizer step") == 1
+    assert result.returncode != 0 and result.stderr.count("SIGUSR1: stopping with a checkpoint once the optimizer step") == 1
     assert "stopped by SIGUSR1 at step 4: its checkpoint is" in result.stderr, result.stderr[-3000:]  # dropped windows count no step
     assert [c.name for c in checkpoint_dirs(str(tmp_path / "run"))] == ["step_0000004"]
     result = run_uneven_rows_loop(tmp_path, "0.9", "2", "6")
