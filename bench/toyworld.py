@@ -332,7 +332,7 @@ class Study:
         out = self.out / "analysis"
         run([sys.executable, "-m", "longalign.analyze_preference", "--model", str(self.world / "preference"),
              "--prompts", str(self.world / "data" / "eval_prompts.txt"), "--images", str(self.world / "data" / "eval"),
-             "--out", str(out), "--device", "cpu", "--segmenter", "legacy"], ROOT)  # fmt: skip
+             "--out", str(out), "--device", "cpu", "--segmenter", "legacy", "--overwrite"], ROOT)  # fmt: skip (a cut-off study redoes it)
         self.timed("analysis", start)
         return {
             "retrieval": json.loads((out / "retrieval.json").read_text()),

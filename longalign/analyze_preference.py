@@ -18,6 +18,7 @@ Writes into `--out`:
   text-irrelevant x . eta V scores for paired (x_i, t_i) and unpaired (x_i, t_{i+1 mod N}) pairs;
 - `retrieval.json`, `retrieval.md`: text->image R@1 for the original vs text-relevant text
   embedding, in `single` vs `segment`-average mode (paper Table 1 protocol).
+An `--out` that holds an earlier analysis is refused unless `--overwrite`.
 """
 
 from __future__ import annotations
@@ -139,8 +140,11 @@ def analyse(image_embeds: torch.Tensor, texts: dict[str, tuple[torch.Tensor, tor
     return {"eta": eta, "eta_values": parts.eta, "decomposition": decomposition, "retrieval": retrieval}
 
 
+OUTPUT_FILES = ("eta.json", "eta_hist.png", "decomposition.json", "decomposition.png", "retrieval.json", "retrieval.md")
+
+
 def write_outputs(result: dict, out: Path, model_name: str) -> list[Path]:
-    """Write the JSON, PNG and markdown files; returns their paths."""
+    """Write `OUTPUT_FILES` (JSON, PNG and markdown); returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,11 +214,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random crop generator")
     parser.add_argument("--crop", default="none", choices=("none", "random"), help="random: the training-time 504/512 crop")
     parser.add_argument("--segmenter", default="sentences", help="segmenter for segment mode")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier analysis in --out")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
     check_device(args.device)
     check_folder_path(args.out, "--out")  # before the embeddings are computed, not after
+    earlier = [name for name in OUTPUT_FILES if (Path(args.out) / name).exists()]
+    if earlier and not args.overwrite:
+        raise UserError(f"--out '{args.out}' holds an earlier analysis ({earlier[0]}); pass another --out, or --overwrite")
 
     prompts = read_prompt_file(args.prompts, "--prompts")
     if len(prompts) < 2:  # V would be the one prompt's own direction: eta = 1, t_perp = 0, R@1 = 1

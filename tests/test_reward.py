@@ -422,6 +422,9 @@ def test_analysis_cli_writes_its_reports(tmp_path, tiny_models):
     assert all(0 <= retrieval[m][p] <= 1 for m in ("single", "segment") for p in ("original", "text_relevant"))
     assert "| text-relevant |" in (out / "retrieval.md").read_text()
 
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "holds an earlier analysis (eta.json); pass another --out, or --overwrite" in result.stderr
+    command.append("--overwrite")
     (images / "005.png").unlink()
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
