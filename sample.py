@@ -34,7 +34,7 @@ from longalign.pipeline import (
     get_sampler,
     lacks_lcm_stage,
     resolve_sources,
-    stage_config,
+    stack_warnings,
     validate_generation,
 )
 
@@ -94,7 +94,6 @@ def main(argv: list[str] | None = None) -> None:
     prompts = read_prompts(args)
     steps, guidance_scale = checked_generation(args)
     choose_weights(model_args, args.sampler, given_flags(argv))
-    warn_about_stage_settings(model_args)
     check_folder_path(args.out, "--out")
     for index, prompt in enumerate(prompts):
         if not prompt.strip() and (not prompt or model_args.segmenter != "legacy"):  # legacy: "  " is a "." segment
@@ -103,6 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     loras, adapter, checkpoints = resolve_sources(
         model_args.pretrained_model, model_args.t5_model, model_args.adapter, model_args.init_from, model_args.encoder_mode
     )
+    for warning in stack_warnings(model_args, loras, adapter):
+        logging.warning(warning)
     settings = {  # the same for every image; one JSON round trip, so it compares equal to a saved sidecar
         "negative_prompt": args.negative_prompt,
         "sampler": args.sampler,
@@ -205,15 +206,6 @@ def generate(pipeline: LongPromptPipeline, todo: list[tuple[int, str, int]], arg
             write_image(image_stem(args.out, prompt_index, k), image, sidecar)
         progress.update(len(batch))
     progress.close()
-
-
-def warn_about_stage_settings(model_args: ModelArguments) -> None:
-    """Warn when an `--init_from` stage folder was trained with other encoder settings or models
-    (its `config.json`): its LoRA then sees a context it was not trained on."""
-    for source in model_args.init_from:
-        config = stage_config(source) or {}  # {}: not a stage folder of ours (a released .pt, a LoRA file)
-        for difference in model_args.encoding_differences(config.get("model", {})):
-            logging.warning("%s was trained with %s", source, difference)
 
 
 def image_stem(out: str, prompt_index: int, k: int) -> str:

@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel, UniPCMultistepScheduler
 
-from .loading import UserError, load_pretrained, local_path
+from .loading import UserError, content_digest, load_pretrained, local_path
 from .text_encoding import SD15, T5_LARGE, LongPromptEncoder, PromptReport
+
+if TYPE_CHECKING:
+    from .config import ModelArguments
 
 LONGSD = "luping-liu/LongSD"
 LONGSD_ADAPTER = f"{LONGSD}/s28750_adapter"
@@ -100,6 +103,27 @@ def lacks_lcm_stage(init_from: Sequence[str]) -> bool:
     unknown kind may be an LCM-LoRA, so then False."""
     configs = [stage_config(source) for source in init_from]
     return all(configs) and not any(config["stage"] == "lcm" for config in configs)
+
+
+def stack_warnings(model_args: ModelArguments, loras: Sequence[str], adapter: str | None) -> list[str]:
+    """What a stack of `--init_from` stages (`loras`: their local paths) and the `adapter` have that
+    the stages were not trained with, from each stage folder's `config.json`: other encoder
+    settings or models (the LoRA then sees a context it was not trained on), fewer stages before
+    one than it was trained on top of, and an explicit `--adapter` other than (by content) the one
+    the last stage folder carries."""
+    found = []
+    for index, source in enumerate(loras):
+        trained = (stage_config(source) or {}).get("model") or {}  # {}: not a stage folder of ours
+        found += [f"{source} was trained with {difference}" for difference in model_args.encoding_differences(trained)]
+        if len(trained.get("init_from") or []) > index:
+            found.append(
+                f"{source} was trained on top of {', '.join(map(str, trained['init_from']))}, but --init_from "
+                f"puts {index} stage(s) before it"
+            )
+    carried = [os.path.join(source, "adapter") for source in loras if os.path.isdir(os.path.join(source, "adapter"))]
+    if model_args.adapter is not None and adapter and carried and content_digest(adapter) != content_digest(carried[-1]):
+        found.append(f"--adapter {model_args.adapter} replaces {carried[-1]}, the adapter that stage was trained with")
+    return found
 
 
 def stage_adapter(adapter: str | None, init_from: Sequence[str]) -> str:

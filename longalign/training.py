@@ -41,7 +41,7 @@ from .config import ModelArguments, TrainingArguments, parse_flags, same_setting
 from .data import BadRowMonitor, ResumableSampler, make_dataloader
 from .loading import UserError, check_folder_path, load_pretrained
 from .lora import LoraSettings, add_lora, fuse_stage_loras, save_lora
-from .pipeline import LongPromptPipeline, get_sampler, resolve_sources
+from .pipeline import LongPromptPipeline, get_sampler, resolve_sources, stack_warnings
 from .text_encoding import LongPromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -142,6 +142,8 @@ def load_stage_parts(
     )
     if adapter is not None:
         logger.info("text adapter: %s", adapter)
+    for warning in stack_warnings(model_args, init_from, adapter):
+        logger.warning(warning)
     unet = load_pretrained(UNet2DConditionModel, model_args.pretrained_model, "UNet", subfolder="unet")
     fuse_stage_loras(unet, init_from)
     vae = load_pretrained(AutoencoderKL, model_args.pretrained_model, "VAE", subfolder="vae")

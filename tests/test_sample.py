@@ -119,6 +119,29 @@ def test_a_stage_trained_with_other_encoder_settings_is_named(tiny_models, loras
     assert not lacks_lcm_stage([str(stage), str(loras / "reward_list.pt")])  # of unknown kind: may be an LCM-LoRA
 
 
+def test_a_stack_unlike_the_one_its_stages_were_trained_in_is_named(tmp_path):
+    """A later stage named without the stages it was trained on top of (a reward LoRA alone on
+    SD1.5), and an --adapter that replaces the one a stage folder carries, are warned about."""
+    from longalign.pipeline import stack_warnings
+
+    align, reward = tmp_path / "align" / "final", tmp_path / "reward" / "final"
+    for folder, stage, earlier in ((align, "align", []), (reward, "reward", ["runs/align-x/final"])):
+        (folder / "adapter").mkdir(parents=True)
+        (folder / "adapter" / "adapter.safetensors").write_bytes(b"the align stage's adapter")
+        (folder / "config.json").write_text(json.dumps({"stage": stage, "model": {"init_from": earlier}}))
+    other = tmp_path / "other_adapter"
+    other.mkdir()
+    (other / "adapter.safetensors").write_bytes(b"another adapter")
+    assert stack_warnings(ModelArguments(), [str(align), str(reward)], str(reward / "adapter")) == []
+    assert stack_warnings(ModelArguments(adapter=str(align / "adapter")), [str(align), str(reward)], str(align / "adapter")) == []
+    assert stack_warnings(ModelArguments(), [str(reward)], str(reward / "adapter")) == [
+        f"{reward} was trained on top of runs/align-x/final, but --init_from puts 0 stage(s) before it"
+    ]
+    assert stack_warnings(ModelArguments(adapter=str(other)), [str(align), str(reward)], str(other)) == [
+        f"--adapter {other} replaces {reward / 'adapter'}, the adapter that stage was trained with"
+    ]
+
+
 def test_empty_prompt_is_unconditional_generation(tiny_models, tmp_path, capsys):
     out = run_sample([*model_flags(tiny_models), "--prompt", "", "--sampler", "lcm", "--height", "64", "--width", "64", "--out", str(tmp_path)], tmp_path, capsys)
     assert "empty: unconditional generation" in out
