@@ -1127,6 +1127,8 @@ def parse_options(argv: list[str] | None) -> tuple[Options | None, argparse.Name
     resolution = ns.resolution or (512 if ns.size == "sd15" and gpu else 64)
     if resolution % 8 or resolution < 8:
         parser.error("--resolution must be a positive multiple of 8")
+    if ns.batch_size is not None and ns.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
     if ns.batch_size is not None:
         batch_sizes = {stage: ns.batch_size for stage in STAGES}
     elif gpu and ns.size == "sd15":

@@ -104,9 +104,11 @@ def read_prompt_file(path: str, flag: str) -> list[str]:
     return prompts
 
 
-def _first_line(error: BaseException) -> str:
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of a library's error message, cut at `limit` characters (marked by "...")."""
     text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:160]
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _hub_hint(name: str, what: str, error: BaseException) -> UserError:

@@ -409,7 +409,8 @@ def read_legacy_list(path: str) -> list[torch.Tensor]:
             reason = "not a torch.save file of plain tensors"
         raise UserError(f"could not read released LoRA '{path}' with torch.load(weights_only=True): {reason[:200]}") from None
     if not isinstance(items, (list, tuple)):
-        raise UserError(f"released LoRA '{path}' is not a list of tensors (it holds a {type(items).__name__})")
+        already = "; a diffusers-format LoRA loads as it is" if isinstance(items, dict) and any("lora" in str(k) for k in items) else ""
+        raise UserError(f"released LoRA '{path}' is not a list of tensors (it holds a {type(items).__name__}{already})")
     for index, item in enumerate(items):
         if not isinstance(item, torch.Tensor):
             raise UserError(f"released LoRA '{path}': item {index} is a {type(item).__name__}, not a tensor")

@@ -467,6 +467,15 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
 
+def earlier_hint(path: Path) -> str:
+    """For an error about checkpoint `path`: "; resume from an earlier one: ..." naming the run's
+    newest complete checkpoint before it, or "" when there is none."""
+    step = checkpoint_step(path)
+    found = checkpoint_dirs(str(path.parent.parent)) if step is not None else []
+    earlier = [d for d in found if checkpoint_step(d) < step]
+    return f"; resume from an earlier one: --resume_from {earlier[-1]}" if earlier else ""
+
+
 def load_checkpoint(
     accelerator: Accelerator,
     path: Path,
@@ -482,7 +491,9 @@ def load_checkpoint(
     names = [trainable_file(index) for index in range(len(modules))] + [OPTIMIZER_FILE]
     missing = [name for name in names if not (path / name).exists()]
     if missing:
-        raise UserError(f"checkpoint '{path}' has no {missing[0]}: it is incomplete or was written by another version")
+        raise UserError(
+            f"checkpoint '{path}' has no {missing[0]}: it is incomplete or was written by another version{earlier_hint(path)}"
+        )
     if (path / trainable_file(len(modules))).exists():
         raise UserError(
             f"checkpoint '{path}' trained more modules than this run ({len(modules)}); resume with the same "
@@ -498,11 +509,7 @@ def load_checkpoint(
         if missing:
             raise KeyError(f"{STATE_FILE} lacks {sorted(missing)[0]}")
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        step = checkpoint_step(path)
-        found = checkpoint_dirs(str(path.parent.parent)) if step is not None else []
-        earlier = [d for d in found if checkpoint_step(d) < step]
-        hint = f"; resume from an earlier one: --resume_from {earlier[-1]}" if earlier else ""
-        raise UserError(f"checkpoint '{path}' is damaged ({error.__class__.__name__}: {error}){hint}") from None
+        raise UserError(f"checkpoint '{path}' is damaged ({error.__class__.__name__}: {error}){earlier_hint(path)}") from None
     for index, (module, state) in enumerate(zip(modules, states)):
         model = accelerator.unwrap_model(module)
         expected = {name: p.shape for name, p in model.named_parameters() if p.requires_grad}

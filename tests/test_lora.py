@@ -308,6 +308,7 @@ def test_legacy_list_converts_to_the_by_hand_weights(tmp_path):
     "make_items, message",
     [
         (lambda items: {"weights": items}, r"is not a list of tensors \(it holds a dict\)"),
+        (lambda items: {"unet.a.lora_A.weight": items[1]}, r"\(it holds a dict; a diffusers-format LoRA loads as it is\)"),
         (lambda items: items[:3] + ["up"] + items[4:], r"item 3 is a str, not a tensor"),
         (lambda items: items[:-2], r"expected 130 tensors \(up and down for 65 modules\), got 128"),
         (
@@ -315,7 +316,7 @@ def test_legacy_list_converts_to_the_by_hand_weights(tmp_path):
             r"does not fit UNet module '[\w.]+' \(weight .*\): tensors 0 \(up\) and 1 \(down\) have shapes",
         ),
     ],
-    ids=["not-a-list", "non-tensor", "wrong-count", "wrong-shape"],
+    ids=["not-a-list", "diffusers-dict", "non-tensor", "wrong-count", "wrong-shape"],
 )
 def test_malformed_legacy_files_are_refused(tmp_path, make_items, message):
     unet = make_unet()
