@@ -712,14 +712,21 @@ def make_dataloader(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
-        worker_init_fn=ignore_interrupts,
+        worker_init_fn=ignore_stop_signals,
     )
 
 
-def ignore_interrupts(worker_id: int) -> None:
-    """A DataLoader worker leaves Ctrl-C to the training process, which stops at the end of the
-    optimizer step with a checkpoint; a worker it killed would end the run with a DataLoader error."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+# The signals that stop a training run with a checkpoint (`training.StopSignals`): Ctrl-C, a
+# cluster or launcher ending the job (SIGTERM, also sent to the whole process group), its notice.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker leaves `STOP_SIGNALS` to the training process, which stops at the end of
+    the optimizer step with a checkpoint; a worker they killed would end the run with a DataLoader
+    error and no checkpoint. Workers still end with the training process (PyTorch's watchdog)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 # ------------------------------------------------------------------------------ test data

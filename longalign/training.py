@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import ModelArguments, TrainingArguments, parse_flags, same_setting
-from .data import BadRowMonitor, ResumableSampler, make_dataloader
+from .data import STOP_SIGNALS, BadRowMonitor, ResumableSampler, make_dataloader
 from .loading import UserError, check_folder_path, load_pretrained
 from .lora import LoraSettings, add_lora, fuse_stage_loras, save_lora
 from .pipeline import LongPromptPipeline, get_sampler, resolve_sources, stack_warnings
@@ -689,15 +689,13 @@ class StopSignals:
     `--resume_from latest` continues exactly. A second Ctrl-C stops at once. Outside the main
     thread (where Python cannot take signals) it does nothing."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
     def __init__(self) -> None:
         self.received = 0
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
-            self.previous = {signum: signal.signal(signum, self.handle) for signum in self.SIGNALS}
+            self.previous = {signum: signal.signal(signum, self.handle) for signum in STOP_SIGNALS}
         return self
 
     def handle(self, signum: int, frame: object) -> None:

@@ -211,11 +211,13 @@ def test_checkpoints_hold_only_safetensors_and_json_and_resume_exactly(tmp_path,
     assert every_file and all(p.suffix in (".safetensors", ".json") for p in every_file)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_stops_at_the_window_end_with_a_checkpoint_that_resumes_exactly(tmp_path, no_final, signum, capsys):
-    """SIGTERM (a cluster ending the job) or Ctrl-C in the middle of an accumulation window: the
-    window is finished, checkpointed, and the process exits 128 + signal; the resumed run ends
-    with the weights of a run never stopped."""
+@pytest.mark.parametrize("signum, workers", [(signal.SIGTERM, 2), (signal.SIGINT, 0)])
+def test_a_signal_stops_at_the_window_end_with_a_checkpoint_that_resumes_exactly(tmp_path, no_final, signum, workers, capsys):
+    """SIGTERM (a cluster ending the job, sent to the DataLoader workers too) or Ctrl-C in the
+    middle of an accumulation window: the window is finished, checkpointed, and the process exits
+    128 + signal; the resumed run ends with the weights of a run never stopped."""
+    import multiprocessing
+
     flags = dict(checkpointing_steps=100, learning_rate=0.1, lr_warmup_steps=3, gradient_accumulation_steps=2, max_train_steps=6)
     straight = tiny_loop(tmp_path / "straight", data_and_noise_loss, **flags)
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
@@ -224,11 +226,14 @@ def test_a_signal_stops_at_the_window_end_with_a_checkpoint_that_resumes_exactly
     def signalled_loss(parts, batch, generator):
         calls.append(1)
         if len(calls) == 5:  # the first micro-step of optimizer step 3's window
-            os.kill(os.getpid(), signum)
+            children = multiprocessing.active_children()  # the DataLoader workers (and any an earlier test left)
+            assert len(children) >= workers
+            for process in [*children, multiprocessing.current_process()]:
+                os.kill(process.pid, signum)
         return data_and_noise_loss(parts, batch, generator)
 
     with pytest.raises(SystemExit) as exit_info:
-        tiny_loop(tmp_path / "stopped", signalled_loss, **flags)
+        tiny_loop(tmp_path / "stopped", signalled_loss, dataloader_num_workers=workers, **flags)
     assert exit_info.value.code == 128 + signum and len(calls) == 6  # the window's second micro-step ran too
     checkpoints = checkpoint_dirs(str(tmp_path / "stopped" / "run"))
     assert [c.name for c in checkpoints] == ["step_0000003"]
