@@ -715,11 +715,10 @@ def stopped(accelerator: Accelerator, args: TrainingArguments, signum: int, step
     128 + the signal's number, as a process that signal ended would; `final/` is not written."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    name = signal.Signals(signum).name
-    found = checkpoint_dirs(args.output_dir)
     if accelerator.is_main_process:
+        found = checkpoint_dirs(args.output_dir)
         where = f"its checkpoint is {found[-1]}; continue with --resume_from latest" if step and found else "no step was made"
-        print(f"stopped by {name} at step {step}: {where}", file=sys.stderr)
+        print(f"stopped by {signal.Signals(signum).name} at step {step}: {where}", file=sys.stderr)
     raise SystemExit(128 + signum)
 
 
@@ -944,12 +943,8 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
                     running, counted = {}, 0
                     if state["micro_step"] - last_update > micro_steps_per_epoch + args.gradient_accumulation_steps:
                         raise UserError("a whole epoch passed without an optimizer step (no usable rows, or none with finite gradients)")
-                    if finished := training_done(args, state["global_step"], sampler):
-                        if state["global_step"]:  # the epochs end on a dropped window: final/ needs its checkpoint
-                            checkpoint()
-                        break
-                    if halted := bool(stop_signal):
-                        if state["global_step"]:
+                    if (finished := training_done(args, state["global_step"], sampler)) or (halted := bool(stop_signal)):
+                        if state["global_step"]:  # final/ or the resume needs this point's checkpoint
                             checkpoint()
                         break
                     continue
