@@ -47,5 +47,10 @@ else
   fi
 fi
 
+# Under several processes torchrun forwards to them only SIGTERM, SIGINT, SIGHUP and SIGQUIT unless
+# told otherwise; the stages also stop with a checkpoint on SIGUSR1, a scheduler's advance notice
+# (README, "Stopping"). A value of your own is kept.
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+
 # ${chain[@]+...}: an empty array (align) is an unbound variable to `set -u` in bash before 4.4
 exec "${launch[@]}" "$here/$script" --output_dir "runs/$stage-$name" ${chain[@]+"${chain[@]}"} "$@"

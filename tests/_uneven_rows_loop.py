@@ -7,11 +7,14 @@ must still agree on every collective. Each rank writes its final weights to OUT/
 Optional arguments: the --max_bad_fraction (e.g. 0.2, which the one empty caption exceeds), the
 --min_rows_before_check (default 2), the --max_train_steps (default 2) and `stop_at`: when given,
 rank 1 alone sends itself SIGUSR1 in its loss call of that number (the other rank is not told).
+With a sixth argument 1, rank 1 sends it to the launcher instead and waits until the launcher
+has forwarded it back (to every rank, when the launcher is told to forward SIGUSR1).
 """
 
 import os
 import signal
 import sys
+import time
 from types import SimpleNamespace
 
 import torch
@@ -23,7 +26,7 @@ from longalign.config import AlignArguments, ModelArguments
 from longalign.data import CaptionDataset, DataSettings
 
 
-def main(out: str, max_bad_fraction: float = 0.9, min_rows_before_check: float = 2, max_train_steps: float = 2, stop_at: float = 0) -> None:
+def main(out: str, max_bad_fraction: float = 0.9, min_rows_before_check: float = 2, max_train_steps: float = 2, stop_at: float = 0, to_launcher: float = 0) -> None:
     args = AlignArguments(
         output_dir=f"{out}/run", dataset="unused.jsonl", train_batch_size=1, gradient_accumulation_steps=1,
         mixed_precision="no", report_to="none", dataloader_num_workers=0, max_train_steps=int(max_train_steps), cpu=True,
@@ -41,7 +44,11 @@ def main(out: str, max_bad_fraction: float = 0.9, min_rows_before_check: float =
     def loss_fn(parts, batch, generator):
         calls.append(1)
         if accelerator.process_index == 1 and len(calls) == stop_at:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getppid() if to_launcher else os.getpid(), signal.SIGUSR1)
+            stop_signals = signal.getsignal(signal.SIGUSR1).__self__  # the loop's StopSignals
+            deadline = time.monotonic() + 60
+            while not stop_signals.received and time.monotonic() < deadline:
+                time.sleep(0.05)  # the launcher's copy arrives within its monitor interval
         rows_everywhere = accelerator.gather(torch.tensor([float(len(batch["caption"]))])).sum()  # a collective
         inputs = batch["index"].float()[:, None].expand(-1, 3)
         return parts.unet(inputs).pow(2).mean() * rows_everywhere / rows_everywhere, {}

@@ -275,15 +275,16 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, no_final):
         tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=4, resume_from="latest")
 
 
-def run_uneven_rows_loop(out: Path, *extra: str):
-    """tests/_uneven_rows_loop.py under 2 CPU processes (accelerate launch); its CompletedProcess."""
+def run_uneven_rows_loop(out: Path, *extra: str, env: dict | None = None):
+    """tests/_uneven_rows_loop.py under 2 CPU processes (accelerate launch), with `env` added to
+    the environment; its CompletedProcess."""
     import os
     import subprocess
 
     from _two_processes import two_cpu_processes
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", **(env or {})}
     command = [*two_cpu_processes(), str(root / "tests" / "_uneven_rows_loop.py"), str(out), *extra]
     return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=180)
 
@@ -324,6 +325,38 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     result = run_uneven_rows_loop(tmp_path, "0.9", "2", "6", "3")
     assert result.returncode != 0 and result.stderr.count("SIGUSR1: stopping with a checkpoint once the optimizer step") == 1
     assert "stopped by SIGUSR1 at step 4: its checkpoint is" in result.stderr, result.stderr[-3000:]  # dropped windows count no step
+    assert [c.name for c in checkpoint_dirs(str(tmp_path / "run"))] == ["step_0000004"]
+    result = run_uneven_rows_loop(tmp_path, "0.9", "2", "6")
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = (load_file(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_run_unet_has_the_launcher_forward_sigusr1_to_every_rank(tmp_path):
+    """torchrun forwards SIGUSR1 to the ranks only when told to (PET_SIGNALS_TO_HANDLE), and
+    run_unet.sh tells it, keeping a value of the user's own. With that environment a SIGUSR1 to
+    the launcher reaches both ranks, which stop at one step with one checkpoint; the launcher
+    itself exits 1 (torchrun's SignalException). The run then resumes to its end."""
+    import os
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    fake_python = tmp_path / "python"  # prints what the launcher would be started with
+    fake_python.write_text('#!/bin/sh\necho "$PET_SIGNALS_TO_HANDLE"\n')
+    fake_python.chmod(0o755)
+    run_unet = Path(__file__).resolve().parents[1] / "run_unet.sh"
+
+    def launch_signals(**env: str) -> str:
+        env = {**os.environ, "NUM_GPUS": "2", "PYTHON": str(fake_python), **env}
+        return subprocess.run(["bash", str(run_unet), "align", "x"], cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+    assert launch_signals(PET_SIGNALS_TO_HANDLE="SIGTERM") == "SIGTERM"
+    signals = launch_signals()
+    assert "SIGUSR1" in signals.split(",") and "SIGTERM" in signals.split(",")
+    result = run_uneven_rows_loop(tmp_path, "0.9", "2", "6", "3", "1", env={"PET_SIGNALS_TO_HANDLE": signals})
+    assert result.returncode == 1 and result.stderr.count("SIGUSR1: stopping with a checkpoint") == 2, result.stderr[-3000:]
+    assert "stopped by SIGUSR1 at step 4: its checkpoint is" in result.stderr
     assert [c.name for c in checkpoint_dirs(str(tmp_path / "run"))] == ["step_0000004"]
     result = run_uneven_rows_loop(tmp_path, "0.9", "2", "6")
     assert result.returncode == 0, result.stderr[-3000:]
