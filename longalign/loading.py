@@ -53,15 +53,22 @@ def resolve_source(name: str, what: str) -> str:
 
 
 def check_device(device: str) -> str:
-    """`device` if torch knows it and it is here (cuda only with CUDA available), else a `UserError`."""
+    """`device` if torch knows it and this machine has it (`cuda:N` only for N below the number of
+    CUDA devices; likewise for other accelerators), else a `UserError`."""
     import torch
 
     try:
-        torch.device(device)
+        chosen = torch.device(device)
     except RuntimeError:
         raise UserError(f"unknown --device '{device}'; e.g. cuda, cuda:1, cpu") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    if chosen.type == "cpu":
+        return device
+    backend = getattr(torch, chosen.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if not hasattr(backend, "is_available") or not backend.is_available():
+        raise UserError(f"--device {device} was asked for but {chosen.type.upper()} is not available here; use --device cpu")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if chosen.index is not None and chosen.index >= count:
+        raise UserError(f"--device {device}: this machine has {count} {chosen.type} device(s); the last is {chosen.type}:{count - 1}")
     return device
 
 

@@ -234,6 +234,21 @@ def test_bad_sizes_and_steps(tiny_models, capsys, monkeypatch):
     expect_user_error([*small(tiny_models), "--token_length", "100000"], capsys, "--token_length must be in [1, 1024]")
 
 
+def test_a_device_this_machine_lacks_is_refused(monkeypatch):
+    from longalign.loading import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [check_device(name) for name in ("cuda", "cuda:1", "cpu")] == ["cuda", "cuda:1", "cpu"]
+    with pytest.raises(UserError, match=r"^--device cuda:2: this machine has 2 cuda device\(s\); the last is cuda:1$"):
+        check_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="--device cuda was asked for but CUDA is not available here; use --device cpu"):
+        check_device("cuda")
+    with pytest.raises(UserError, match="--device meta was asked for but META is not available here"):
+        check_device("meta")
+
+
 def test_out_that_is_a_file_or_not_writable_is_refused(tiny_models, tmp_path, capsys, monkeypatch):
     (tmp_path / "images").write_text("not a folder")
     expect_user_error([*small(tiny_models), "--out", str(tmp_path / "images")], capsys, "is a file, not a folder")
