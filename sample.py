@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = read_prompts(args)
     steps, guidance_scale = checked_generation(args)
     choose_weights(model_args, args.sampler, given_flags(argv))
-    check_folder_path(args.out, "--out")
+    check_folder_path(args.out, "--out", writable=not os.path.isdir(args.out))  # a finished --out may be read-only
     for index, prompt in enumerate(prompts):
         if not prompt.strip() and (not prompt or model_args.segmenter != "legacy"):  # legacy: "  " is a "." segment
             print(f"prompt {index} is empty: unconditional generation")
@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     todo = images_to_make(args, prompts, settings)
     if not todo:
         return  # before loading any model: a finished run is checked in seconds
+    check_folder_path(args.out, "--out")
+    os.makedirs(args.out, exist_ok=True)
     pipeline = LongPromptPipeline.from_pretrained(  # the sources resolved above: local paths, fetched once
         model_args.pretrained_model, model_args.t5_model, adapter, loras, model_args.encoder_mode,
         model_args.segmenter, model_args.token_length, device=device, dtype=dtype,
@@ -178,7 +180,6 @@ def choose_weights(model_args: ModelArguments, sampler: str, flags: set[str]) ->
 def images_to_make(args: SampleArguments, prompts: list[str], settings: dict) -> list[tuple[int, str, int]]:
     """(prompt index, prompt, k) for each image of this run that `--out` does not hold yet with
     these settings; says how many are skipped and how many other images the folder holds."""
-    os.makedirs(args.out, exist_ok=True)
     jobs = [(p, prompt, k) for p, prompt in enumerate(prompts) for k in range(args.num_images)]
     todo = [job for job in jobs if not already_made(args.out, *job, args.seed + job[2], settings, args.overwrite)]
     if len(todo) < len(jobs):

@@ -160,17 +160,22 @@ def write_sd15_models(root: str | Path, device: str = "cpu", dtype: torch.dtype 
     return folders
 
 
+def models_ready(size: str, root: str | Path) -> bool:
+    """True when a previous run wrote the models of `size` under `root` (read, not written again)."""
+    marker = Path(root) / MARKER
+    return marker.is_file() and json.loads(marker.read_text()).get("size") == size
+
+
 def ensure_models(size: str, root: str | Path, device: str = "cpu") -> dict[str, Path]:
     """The model folders of `size` under `root`, written unless a previous run left them there."""
     if size not in SIZES:
         raise ValueError(f"unknown size '{size}'; choose one of: {', '.join(SIZES)}")
     root = Path(root)
-    marker = root / MARKER
     names = ("sd15", "t5", "adapter", "preference")
-    if marker.exists() and json.loads(marker.read_text()).get("size") == size:
+    if models_ready(size, root):
         return {name: root / name for name in names}
     check_random_weights_root(root, names, (MARKER, TINY_MARKER))  # never over a real model download
     root.mkdir(parents=True, exist_ok=True)
     folders = write_tiny_models(root, markers=(MARKER, TINY_MARKER)) if size == "tiny" else write_sd15_models(root, device=device)
-    marker.write_text(json.dumps({"size": size}))
+    (root / MARKER).write_text(json.dumps({"size": size}))
     return folders

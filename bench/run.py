@@ -1114,7 +1114,9 @@ def parse_options(argv: list[str] | None) -> tuple[Options | None, argparse.Name
         torch.set_num_threads(ns.threads)
     device = torch.device(check_device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     if ns.models:
-        check_folder_path(ns.models, "--models")
+        from bench.models import models_ready
+
+        check_folder_path(ns.models, "--models", writable=not models_ready(ns.size, ns.models))  # written models are only read
     gpu = device.type == "cuda"
     if ns.gpu_table:
         if ns.size != "sd15":

@@ -72,14 +72,15 @@ def check_device(device: str) -> str:
     return device
 
 
-def check_folder_path(path: str, flag: str) -> None:
+def check_folder_path(path: str, flag: str, writable: bool = True) -> None:
     """A `UserError` when `path` cannot be (or become) a folder we write in: it, or the nearest part
-    of it that exists, is a file or is not writable."""
+    of it that exists, is a file or (when `writable`; a folder only read may be read-only) is
+    not writable."""
     for part in [path, *(str(parent) for parent in Path(path).parents)]:
         if os.path.exists(part):
             if not os.path.isdir(part):
                 raise UserError(f"{flag} '{path}': '{part}' is a file, not a folder")
-            if not os.access(part, os.W_OK | os.X_OK):
+            if writable and not os.access(part, os.W_OK | os.X_OK):
                 raise UserError(f"{flag} '{path}': '{part}' is not writable")
             return
 

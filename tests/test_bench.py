@@ -269,6 +269,25 @@ def test_bad_out_device_and_models_are_refused_before_anything_runs(tmp_path, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.json", "train.jsonl"]  # no backup, no .tmp
 
 
+def test_models_written_by_an_earlier_run_may_be_read_only(tmp_path, monkeypatch):
+    """--models is written only when it lacks the models of --size: a read-only folder holding
+    them is accepted, one that still needs them is refused before any model is written."""
+    from bench.run import parse_options
+    from longalign.loading import UserError
+
+    models = tmp_path / "models"
+    models.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(models) and real_access(path, mode))
+    tiny = ["--size", "tiny", "--stage", "align", "--device", "cpu", "--models", str(models)]
+    with pytest.raises(UserError, match="is not writable"):
+        parse_options(tiny)
+    (models / "bench_models.json").write_text(json.dumps({"size": "tiny"}))  # what ensure_models leaves
+    assert parse_options(tiny)[1].models == str(models)
+    with pytest.raises(UserError, match="is not writable"):  # the sd15 models would be written there
+        parse_options(["--size", "sd15", *tiny[2:]])
+
+
 def test_random_weights_never_overwrite_a_real_model_folder(tmp_path, capsys):
     """`python -m longalign.tiny DIR` and bench/run.py --models DIR write random weights: into a
     folder holding a real download they would replace it without a word."""

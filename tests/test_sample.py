@@ -257,6 +257,18 @@ def test_out_that_is_a_file_or_not_writable_is_refused(tiny_models, tmp_path, ca
     expect_user_error([*small(tiny_models), "--out", str(tmp_path / "new" / "out")], capsys, f"'{tmp_path}' is not writable")
 
 
+def test_a_finished_out_may_be_read_only(tiny_models, tmp_path, capsys, monkeypatch):
+    """A finished --out is only read, so a rerun into it (now read-only) checks it and returns;
+    one with images still to make is refused."""
+    out = tmp_path / "out"
+    argv = [*small(tiny_models), "--steps", "1", "--out", str(out)]
+    run_sample(argv, tmp_path, capsys)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(out) and real_access(path, mode))
+    assert "1 of 1 image(s) already in" in run_sample(argv, tmp_path, capsys)
+    expect_user_error([*argv, "--num_images", "2"], capsys, f"'{out}' is not writable")
+
+
 def test_a_file_system_error_is_one_line(tiny_models, tmp_path, capsys, monkeypatch):
     """An OSError the checks could not foresee (no permission as root, a full disk) still ends
     the command with one `error:` line, not a traceback."""
