@@ -231,10 +231,8 @@ def already_made(out: str, prompt_index: int, prompt: str, k: int, seed: int, se
     differs = [key for key, value in wanted.items() if saved.get(key) != value]
     if differs and not overwrite:
         key = differs[0]
-        raise UserError(
-            f"'{stem}.json' was made with {key} {saved.get(key)!r}, this run has {wanted[key]!r}; "
-            "pass another --out, or --overwrite to regenerate"
-        )
+        made = f"records no {key} (an older sample.py wrote it)" if key not in saved else f"was made with {key} {saved[key]!r}"
+        raise UserError(f"'{stem}.json' {made}, this run has {wanted[key]!r}; pass another --out, or --overwrite to regenerate")
     return not differs and os.path.exists(stem + ".png")
 
 

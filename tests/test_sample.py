@@ -198,6 +198,9 @@ def test_a_stage_retrained_at_the_same_path_is_not_taken_for_the_old_one(tiny_mo
     weights = stage / "pytorch_lora_weights.safetensors"
     save_file({name: 2 * tensor for name, tensor in load_file(weights).items()}, weights)
     expect_user_error(argv, capsys, "checkpoint_sha256", "--overwrite")
+    sidecar = tmp_path / "out" / "0000_00.json"  # as sample.py wrote it before sidecars had the key
+    sidecar.write_text(json.dumps({k: v for k, v in json.loads(sidecar.read_text()).items() if k != "checkpoint_sha256"}))
+    expect_user_error(argv, capsys, "records no checkpoint_sha256 (an older sample.py wrote it)", "--overwrite")
 
 
 # -------------------------------------------------------------------------------- bad input
