@@ -215,19 +215,22 @@ def test_checkpoints_hold_only_safetensors_and_json_and_resume_exactly(tmp_path,
 def test_a_signal_stops_at_the_window_end_with_a_checkpoint_that_resumes_exactly(tmp_path, no_final, signum, workers, capsys):
     """SIGTERM (a cluster ending the job, sent to the DataLoader workers too) or Ctrl-C in the
     middle of an accumulation window: the window is finished, checkpointed, and the process exits
-    128 + signal; the resumed run ends with the weights of a run never stopped."""
+    128 + signal; the resumed run ends with the weights of a run never stopped. The workers,
+    which ignore the signal, end with the loop, not at interpreter exit (which would hang)."""
     import multiprocessing
 
     flags = dict(checkpointing_steps=100, learning_rate=0.1, lr_warmup_steps=3, gradient_accumulation_steps=2, max_train_steps=6)
     straight = tiny_loop(tmp_path / "straight", data_and_noise_loss, **flags)
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    calls = []
+    calls, signalled = [], []
+    earlier = {child.pid for child in multiprocessing.active_children()}
 
     def signalled_loss(parts, batch, generator):
         calls.append(1)
         if len(calls) == 5:  # the first micro-step of optimizer step 3's window
             children = multiprocessing.active_children()  # the DataLoader workers (and any an earlier test left)
             assert len(children) >= workers
+            signalled.extend(child.pid for child in children if child.pid not in earlier)  # this loop's workers
             for process in [*children, multiprocessing.current_process()]:
                 os.kill(process.pid, signum)
         return data_and_noise_loss(parts, batch, generator)
@@ -239,6 +242,7 @@ def test_a_signal_stops_at_the_window_end_with_a_checkpoint_that_resumes_exactly
     assert [c.name for c in checkpoints] == ["step_0000003"]
     assert f"stopped by {signal.Signals(signum).name} at step 3: its checkpoint is {checkpoints[0]}" in capsys.readouterr().err
     assert {signum: signal.getsignal(signum) for signum in handlers} == handlers  # the loop's handlers are gone
+    assert len(signalled) == workers and not [c for c in multiprocessing.active_children() if c.pid in signalled]  # exit_info keeps the frame
     resumed = tiny_loop(tmp_path / "stopped", data_and_noise_loss, resume_from="latest", **flags)
     for name, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
