@@ -107,8 +107,11 @@ class Stage:
     """What a stage script defines: its name (also its LoRA's), parts, what trains, its loss.
 
     `trainable` maps attribute paths of `parts` (`unet`, `encoder.adapter`) to modules;
-    `loss_fn(parts, batch, generator) -> (loss, logs)`; `stateful` objects with
-    `state_dict`/`load_state_dict` (e.g. an EMA common direction) are checkpointed as JSON.
+    `loss_fn(parts, batch, generator) -> (loss, logs)`, where `batch` is `collate_examples`' dict
+    plus `global_step`, the optimizer steps made before this micro-step's (the same across an
+    accumulation window and after a resume: what a weight schedule or curriculum should read),
+    and `logs` are floats averaged over the window and logged beside `loss`; `stateful` objects
+    with `state_dict`/`load_state_dict` (e.g. an EMA common direction) are checkpointed as JSON.
     """
 
     name: str
@@ -916,6 +919,7 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
                     torch.manual_seed(seed)  # LoRA / adapter dropout
                     generator = torch.Generator().manual_seed(seed)
                     usable = bool(counts[:, 0].min() > 0)  # every row of a batch can be bad (skipped)
+                    batch["global_step"] = state["global_step"]  # for a loss with a schedule (`Stage`)
                     done = micro_step(accelerator, args, stage, batch, generator, usable, params, optimizer, lr_scheduler)
                     state["micro_step"] += 1
                     if done.finite_loss:

@@ -248,6 +248,20 @@ def test_a_signal_stops_at_the_window_end_with_a_checkpoint_that_resumes_exactly
         assert torch.equal(value, resumed.state_dict()[name]), name
 
 
+def test_the_loss_is_told_the_optimizer_step_also_after_a_resume(tmp_path, no_final):
+    """`batch["global_step"]`: what a schedule in a loss reads (one value per accumulation window)."""
+    seen = []
+
+    def recording_loss(parts, batch, generator):
+        seen.append(batch["global_step"])
+        return data_and_noise_loss(parts, batch, generator)
+
+    flags = dict(gradient_accumulation_steps=2, checkpointing_steps=1)
+    tiny_loop(tmp_path, recording_loss, max_train_steps=2, **flags)
+    tiny_loop(tmp_path, recording_loss, max_train_steps=3, resume_from="latest", **flags)
+    assert seen == [0, 0, 1, 1, 2, 2]
+
+
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, no_final):
     tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=2, checkpointing_steps=2)
     for flags, match in [(dict(learning_rate=0.5), "--learning_rate 0.5 differs from the checkpoint's 3e-05"),
