@@ -34,6 +34,7 @@ import torch
 from .data import to_rgb
 from .loading import UserError, check_device, check_folder_path, cli_entry, read_prompt_file
 from .reward import TEXT_MODES, PreferenceModel, common_direction, decompose, load_preference_model
+from .text_encoding import SEGMENTERS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random crop generator")
     parser.add_argument("--crop", default="none", choices=("none", "random"), help="random: the training-time 504/512 crop")
-    parser.add_argument("--segmenter", default="sentences", help="segmenter for segment mode")
+    parser.add_argument("--segmenter", default="sentences", choices=SEGMENTERS, help="segmenter for segment mode")
     parser.add_argument("--overwrite", action="store_true", help="replace the results of an earlier analysis in --out")
     args = parser.parse_args(argv)
     if args.batch_size < 1:

@@ -7,8 +7,8 @@ The resolved configuration is written next to every output (`config.json`).
 from __future__ import annotations
 
 import importlib.util
-import math
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -18,7 +18,7 @@ from .data import DataSettings
 from .diffusion import RolloutSettings, get_loss, get_rollout
 from .loading import UserError
 from .reward import RewardConfig
-from .text_encoding import SD15, T5_LARGE, check_encoder_mode, checked_token_length, get_segmenter
+from .text_encoding import SD15, SEGMENTERS, T5_LARGE, check_encoder_mode, checked_token_length, get_segmenter
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ModelArguments:
         metadata={"help": "earlier stage LoRAs fused into the UNet in order: stage folders (runs/align-x/final), .safetensors or released .pt files"},
     )
     encoder_mode: str = field(default="clip+t5", metadata={"help": "text conditioning: clip+t5 (paper), clip or t5 (ablation)"})
-    segmenter: str = field(default="sentences", metadata={"help": "prompt splitting: sentences (default) or legacy (released rule)"})
+    segmenter: str = field(default="sentences", metadata={"help": f"prompt splitting: one of {', '.join(SEGMENTERS)} (legacy: the released rule)"})
     token_length: int = field(default=240, metadata={"help": "tokens per branch (CLIP segments and T5) in the UNet context"})
 
     # The settings a stage's LoRA is tied to: sampling it with others conditions the UNet differently.

@@ -281,7 +281,8 @@ class TextEmbeddings:
 
 
 class _OpenCLIPSegmentTokenizer:
-    """The small slice of the transformers tokenizer interface the project segmenters use."""
+    """An open_clip tokenizer behind the slice of the transformers tokenizer interface that
+    segmenters may use (`text_encoding.Segmenter`): content-token ids, `decode`, the window, `len`."""
 
     def __init__(self, tokenizer: Any, context_length: int):
         self.tokenizer = tokenizer
@@ -297,6 +298,11 @@ class _OpenCLIPSegmentTokenizer:
         if hasattr(self.tokenizer, "encode"):
             return list(self.tokenizer.encode(text))
         return list(self.tokenizer.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if hasattr(self.tokenizer, "decode"):  # open_clip's SimpleTokenizer
+            return self.tokenizer.decode(list(ids))
+        return self.tokenizer.tokenizer.decode(list(ids))  # open_clip's HFTokenizer wraps a transformers one
 
     def __call__(self, text, add_special_tokens: bool = True, **_: Any) -> dict[str, list]:
         if add_special_tokens:
@@ -391,7 +397,7 @@ class PreferenceModel(nn.Module):
     # texts -----------------------------------------------------------------------------
     def split(self, prompt: str) -> list[str]:
         """The prompt's segments under the project segmenter (same as the text encoder's)."""
-        return self.segmenter(prompt, self.segment_tokenizer)
+        return self.segmenter(prompt, tokenizer=self.segment_tokenizer)
 
     @torch.no_grad()
     def _embed_strings(self, texts: Sequence[str]) -> torch.Tensor:

@@ -14,7 +14,7 @@ import functools
 import logging
 import re
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import pysbd
 import torch
@@ -33,7 +33,22 @@ ENCODER_MODES = ("clip+t5", "clip", "t5")
 # window, all padding (positions 17..76 of SD1.5's 77).
 PAD_EMBEDDING_POSITIONS = 60
 
-Segmenter = Callable[[str, "object"], list[str]]
+
+
+class Segmenter(Protocol):
+    """A rule that splits a prompt into CLIP segments (`SEGMENTERS`, chosen by `--segmenter`).
+
+    Called as `segmenter(prompt, tokenizer=tokenizer)` -> one or more str (`[""]` for the empty
+    prompt), in order. The same rule splits for SD1.5's CLIP tokenizer (the UNet context) and for
+    a preference model's (its segment-mode score), so it may use only this slice of the
+    transformers tokenizer interface, which open_clip scorers offer too
+    (`reward._OpenCLIPSegmentTokenizer`): `tokenizer(texts, add_special_tokens=False)["input_ids"]`,
+    `tokenizer.decode(ids)`, `tokenizer.model_max_length` and `len(tokenizer)`. Content beyond the
+    window (`content_window`) is cut by the encoder, so a segmenter should keep segments within it.
+    """
+
+    def __call__(self, prompt: str, tokenizer: Any) -> list[str]: ...
+
 LEGACY_PATTERN = re.compile(r'"!|\.|\?|;"')  # the released regex, quotes and all
 
 
@@ -222,7 +237,7 @@ class SegmentCLIPEncoder(nn.Module):
 
     def split(self, prompt: str) -> list[str]:
         """The prompt's segments under this encoder's segmenter."""
-        return self.segmenter(prompt, self.tokenizer)
+        return self.segmenter(prompt, tokenizer=self.tokenizer)
 
     def splitter(self) -> Callable[[str], list[str]]:
         """`split` as a picklable function without the CLIP model, for DataLoader workers: the

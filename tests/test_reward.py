@@ -366,6 +366,28 @@ def test_open_clip_backend_matches_encode_text_and_encode_image(open_clip_folder
     assert pixels.grad.abs().sum() > 0 and all(p.grad is None for p in scorer.parameters())
 
 
+def test_every_segmenter_runs_on_both_kinds_of_tokenizer(open_clip_folder, tiny_models):
+    """A segmenter splits for SD1.5's CLIP tokenizer and for a preference model's, which may be an
+    open_clip one behind `_OpenCLIPSegmentTokenizer`: each registered rule runs on both as the
+    encoders call it (`text_encoding.Segmenter`), and the slice they offer includes `decode`."""
+    import open_clip
+    from transformers import AutoTokenizer
+
+    from longalign.reward import _OpenCLIPSegmentTokenizer
+    from longalign.text_encoding import SEGMENTERS
+
+    clip = AutoTokenizer.from_pretrained(tiny_models["sd15"] / "tokenizer")
+    wrapped = _OpenCLIPSegmentTokenizer(open_clip.get_tokenizer(f"local-dir:{open_clip_folder}"), 77)
+    prompt = " ".join(PROMPTS) + " " + "a very long sentence with many words, " * 12
+    for name, segmenter in SEGMENTERS.items():
+        for tokenizer in (clip, wrapped):
+            segments = segmenter(prompt, tokenizer=tokenizer)
+            assert segments and all(isinstance(segment, str) for segment in segments), (name, type(tokenizer))
+    for tokenizer in (clip, wrapped):
+        ids = tokenizer("a red cat on a mat", add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids).strip() == "a red cat on a mat" and len(tokenizer) == 49408
+
+
 def test_unknown_or_unreachable_models_are_one_line_user_errors(tmp_path):
     with pytest.raises(UserError, match="denscore, pickscore, clip_h, hpsv2"):
         load_preference_model("imagereward")
