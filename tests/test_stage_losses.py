@@ -152,7 +152,7 @@ def test_reward_loss_scores_the_decoded_last_x0_in_0_1(tmp_path, tiny_models, mo
         seen["x0"] = rollout(*a, **k).x0
         return diffusion.RolloutOutput(seen["x0"], [], [])
 
-    def recording_reward(images, captions, generator):
+    def recording_reward(images, captions, *rest, **options):  # the reward's other arguments do not matter here
         seen["images"] = images
         return images.mean(), {}
 
