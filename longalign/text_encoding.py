@@ -463,16 +463,25 @@ class LongPromptEncoder(nn.Module):
                 report.t5_tokens, report.t5_tokens_dropped = tokens, dropped
         return FrozenEncoding(clip_hidden, t5_hidden, reports)
 
+    def branches(self, frozen: FrozenEncoding) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The context's two parts from frozen outputs: CLIP rows (B, L, D) and `adapter(t5)` rows
+        (B, L, D; gradients flow into the adapter), None for a branch the mode leaves out. For a
+        loss term on one branch; `join` then makes the context without running the adapter again."""
+        adapted = None
+        if frozen.t5 is not None:
+            adapted = self.adapter(frozen.t5.to(next(self.adapter.parameters()).dtype))
+        return frozen.clip, adapted
+
+    @staticmethod
+    def join(clip: torch.Tensor | None, adapted: torch.Tensor | None) -> torch.Tensor:
+        """UNet context `cat([clip, adapted], 1)` of the branches present (B, L or 2L, D), in the
+        adapter's dtype where it has one."""
+        parts = [part for part in (clip, adapted) if part is not None]
+        return torch.cat([part.to(parts[-1].dtype) for part in parts], dim=1)
+
     def context(self, frozen: FrozenEncoding) -> torch.Tensor:
         """UNet context from frozen outputs; gradients flow into the adapter. (B, L or 2L, D)."""
-        parts = []
-        if frozen.clip is not None:
-            parts.append(frozen.clip)
-        if frozen.t5 is not None:
-            adapter_dtype = next(self.adapter.parameters()).dtype
-            parts.append(self.adapter(frozen.t5.to(adapter_dtype)))
-        dtype = parts[-1].dtype
-        return torch.cat([part.to(dtype) for part in parts], dim=1)
+        return self.join(*self.branches(frozen))
 
     def forward(
         self, prompts: Sequence[str], segments: Sequence[list[str] | None] | None = None

@@ -313,6 +313,11 @@ def test_modes_and_shapes(tiny_models, encoder):
         assert context.shape == (4, length, width)
     clip_only = LongPromptEncoder(encoder.clip, None, None, mode="clip")
     torch.testing.assert_close(clip_only(prompts)[0], encoder(prompts)[0][:, :240])
+    frozen = encoder.encode_frozen(prompts)  # a loss term on one branch: the context's own parts
+    clip_rows, adapted = encoder.branches(frozen)
+    assert adapted.shape == (4, 240, width) and clip_only.branches(clip_only.encode_frozen(prompts))[1] is None
+    torch.testing.assert_close(encoder.join(clip_rows, adapted), encoder.context(frozen), rtol=0, atol=0)
+    torch.testing.assert_close(encoder.context(frozen)[:, 240:], adapted, rtol=0, atol=0)
 
 
 def test_adapter_receives_gradient_and_frozen_encoders_do_not(encoder):
