@@ -975,9 +975,11 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
                     sampler.next_epoch()
     finally:
         # The workers ignore SIGTERM (`ignore_stop_signals`), so they must end with the loop: left
-        # to interpreter exit (a traceback that keeps this frame), multiprocessing's exit handler
-        # would SIGTERM them and wait forever. Dropping the loader shuts its persistent workers down.
-        del loader
+        # to interpreter exit (a traceback that keeps the loader's iterator, e.g. a worker's error
+        # re-raised there), multiprocessing's exit handler would SIGTERM them and wait forever.
+        workers = getattr(loader, "_iterator", None)  # torch keeps the persistent workers' iterator there
+        if workers is not None:
+            workers._shutdown_workers()  # torch's own shutdown; it is what the iterator's __del__ calls
     progress.close()
     if halted:
         stopped(accelerator, args, stop_signal, state["global_step"])

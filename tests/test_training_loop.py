@@ -248,6 +248,25 @@ def test_a_signal_stops_at_the_window_end_with_a_checkpoint_that_resumes_exactly
         assert torch.equal(value, resumed.state_dict()[name]), name
 
 
+def test_the_workers_end_with_the_loop_when_one_of_them_fails(tmp_path, no_final, monkeypatch):
+    """A worker's error is re-raised through the loader's iterator, which the traceback keeps: the
+    workers (which ignore SIGTERM) must still end with the loop, or interpreter exit waits for them."""
+    import multiprocessing
+
+    earlier = {child.pid for child in multiprocessing.active_children()}
+    read_row = CaptionDataset.__getitem__
+
+    def failing(self, index):
+        if index == 5:
+            raise RuntimeError("a row that cannot be read")
+        return read_row(self, index)
+
+    monkeypatch.setattr(CaptionDataset, "__getitem__", failing)  # the forked workers inherit it
+    with pytest.raises(RuntimeError, match="a row that cannot be read"):
+        tiny_loop(tmp_path, data_and_noise_loss, dataloader_num_workers=2, max_train_steps=10)
+    assert not [child for child in multiprocessing.active_children() if child.pid not in earlier]
+
+
 def test_the_loss_is_told_the_optimizer_step_also_after_a_resume(tmp_path, no_final):
     """`batch["global_step"]`: what a schedule in a loss reads (one value per accumulation window)."""
     seen = []
