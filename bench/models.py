@@ -161,9 +161,12 @@ def write_sd15_models(root: str | Path, device: str = "cpu", dtype: torch.dtype 
 
 
 def models_ready(size: str, root: str | Path) -> bool:
-    """True when a previous run wrote the models of `size` under `root` (read, not written again)."""
-    marker = Path(root) / MARKER
-    return marker.is_file() and json.loads(marker.read_text()).get("size") == size
+    """True when a previous run wrote the models of `size` under `root` (read, not written again);
+    False for a damaged marker (the models are written again)."""
+    try:
+        return json.loads((Path(root) / MARKER).read_text()).get("size") == size
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def ensure_models(size: str, root: str | Path, device: str = "cpu") -> dict[str, Path]:

@@ -284,6 +284,10 @@ def test_models_written_by_an_earlier_run_may_be_read_only(tmp_path, monkeypatch
         parse_options(tiny)
     (models / "bench_models.json").write_text(json.dumps({"size": "tiny"}))  # what ensure_models leaves
     assert parse_options(tiny)[1].models == str(models)
+    (models / "bench_models.json").write_text("{cut off")  # a damaged marker: the models are written again
+    with pytest.raises(UserError, match="is not writable"):
+        parse_options(tiny)
+    (models / "bench_models.json").write_text(json.dumps({"size": "tiny"}))
     with pytest.raises(UserError, match="is not writable"):  # the sd15 models would be written there
         parse_options(["--size", "sd15", *tiny[2:]])
 
