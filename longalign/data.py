@@ -35,6 +35,7 @@ the resume exact; the loop moves tensors to `accelerator.device` itself.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -727,6 +728,20 @@ def ignore_stop_signals(worker_id: int) -> None:
     error and no checkpoint. Workers still end with the training process (PyTorch's watchdog)."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def closing_workers(loader: DataLoader) -> Iterator[DataLoader]:
+    """`loader`'s persistent workers end when the block does, however it ends. They ignore
+    `STOP_SIGNALS`, so workers left to interpreter exit (a traceback that keeps the loader's
+    iterator, e.g. a worker's error re-raised there) would hang it: multiprocessing's exit
+    handler SIGTERMs them and waits."""
+    try:
+        yield loader
+    finally:
+        workers = getattr(loader, "_iterator", None)  # torch keeps the persistent workers' iterator there
+        if workers is not None:
+            workers._shutdown_workers()  # torch's own shutdown; it is what the iterator's __del__ calls
 
 
 # ------------------------------------------------------------------------------ test data

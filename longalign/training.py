@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import ModelArguments, TrainingArguments, parse_flags, same_setting
-from .data import STOP_SIGNALS, BadRowMonitor, ResumableSampler, make_dataloader
+from .data import STOP_SIGNALS, BadRowMonitor, ResumableSampler, closing_workers, make_dataloader
 from .loading import UserError, check_folder_path, load_pretrained
 from .lora import LoraSettings, add_lora, fuse_stage_loras, save_lora
 from .pipeline import LongPromptPipeline, get_sampler, resolve_sources, stack_warnings
@@ -901,85 +901,78 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
         stage_files = functools.partial(write_stage_files, accelerator, args, model_args, parts, stage.name)
         save_checkpoint(accelerator, args, state["global_step"], prepared_modules, optimizer, lr_scheduler, full_state, stage_files)
 
-    try:
-        with StopSignals() as stop:  # SIGTERM, SIGINT, SIGUSR1: a checkpoint at the next optimizer step, then exit
-            finished = training_done(args, state["global_step"], sampler)
-            stop_signal = 0  # the signal that asked the ranks to stop (0: none), the same on every rank
-            halted = False  # stopped for it, at the end of an accumulation window (where a checkpoint is exact)
-            while not finished and not halted:
-                for batch in loader:
-                    # One collective per micro-step: every rank's usable rows, the signal it received (0: none)
-                    # and `batch_counts`, (P, 3 + reasons).
-                    counts = [len(batch["caption"]), stop.received, *monitor.batch_counts(batch)]
-                    counts = accelerator.gather(torch.tensor([counts], device=accelerator.device))
-                    stop_signal = stop_signal or int(counts[:, 1].max())  # every rank sees it at the same micro-step
-                    monitor.update(batch, counts[:, 2:].sum(0).tolist())  # all ranks count alike and stop together
-                    sampler.advance(batch["num_rows"])
-                    seed = step_seed(args.seed, state["micro_step"], accelerator.process_index)
-                    torch.manual_seed(seed)  # LoRA / adapter dropout
-                    generator = torch.Generator().manual_seed(seed)
-                    usable = bool(counts[:, 0].min() > 0)  # every row of a batch can be bad (skipped)
-                    batch["global_step"] = state["global_step"]  # for a loss with a schedule (`Stage`)
-                    done = micro_step(accelerator, args, stage, batch, generator, usable, params, optimizer, lr_scheduler)
-                    state["micro_step"] += 1
-                    if done.finite_loss:
-                        counted += 1
-                        for key, value in {"loss": done.loss, **done.logs}.items():
-                            running[key] = running.get(key, 0.0) + value
-                    elif not done.usable:
-                        logger.warning("micro-step %d skipped: a batch had no usable rows", state["micro_step"])
-                    else:
-                        logger.warning("non-finite loss at micro-step %d: skipped", state["micro_step"])
-                    if done.usable and not (done.finite_loss and done.finite_grads):
-                        if done.finite_loss:
-                            logger.warning("non-finite gradient at micro-step %d: skipped", state["micro_step"])
-                        state["nonfinite_in_a_row"] += 1  # since the last optimizer step
-                        if state["nonfinite_in_a_row"] >= args.max_nonfinite_steps:
-                            raise UserError(
-                                f"{state['nonfinite_in_a_row']} non-finite losses or gradients without an optimizer step "
-                                "between them; lower --learning_rate or use --mixed_precision bf16/no"
-                            )
-                    if not accelerator.sync_gradients:
-                        continue
-                    if not done.stepped:
-                        # No update: the window's gradients are dropped and the step is not counted, so
-                        # global_step, the LR schedule and the checkpoints count optimizer steps only.
-                        logger.warning("no optimizer step at micro-step %d: its window's gradients are dropped", state["micro_step"])
-                        running, counted = {}, 0
-                        if state["micro_step"] - last_update > micro_steps_per_epoch + args.gradient_accumulation_steps:
-                            raise UserError("a whole epoch passed without an optimizer step (no usable rows, or none with finite gradients)")
-                        if (finished := training_done(args, state["global_step"], sampler)) or (halted := bool(stop_signal)):
-                            if state["global_step"]:  # final/ or the resume needs this point's checkpoint
-                                checkpoint()
-                            break
-                        continue
-                    last_update = state["micro_step"]
-                    state["nonfinite_in_a_row"] = 0
-                    state["global_step"] += 1
-                    step = state["global_step"]
-                    logged = {key: value / max(counted, 1) for key, value in running.items()}
-                    logged["lr"] = done.lr
-                    logged["grad_norm"] = done.grad_norm
-                    running, counted = {}, 0
-                    accelerator.log(logged, step=step)
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{logged.get('loss', float('nan')):.4f}")
-                    finished = training_done(args, step, sampler)
-                    if step % args.checkpointing_steps == 0 or finished or stop_signal:
-                        checkpoint()
-                    if args.validation_steps and step % args.validation_steps == 0 and not (finished or stop_signal):
-                        validate(accelerator, args, parts, stage.validation, step)
-                    if finished or (halted := bool(stop_signal)):
-                        break
+    # SIGTERM, SIGINT, SIGUSR1: a checkpoint at the next optimizer step, then exit; the workers end with the loop.
+    with StopSignals() as stop, closing_workers(loader):
+        finished = training_done(args, state["global_step"], sampler)
+        stop_signal = 0  # the signal that asked the ranks to stop (0: none), the same on every rank
+        halted = False  # stopped for it, at the end of an accumulation window (where a checkpoint is exact)
+        while not finished and not halted:
+            for batch in loader:
+                # One collective per micro-step: every rank's usable rows, the signal it received (0: none)
+                # and `batch_counts`, (P, 3 + reasons).
+                counts = [len(batch["caption"]), stop.received, *monitor.batch_counts(batch)]
+                counts = accelerator.gather(torch.tensor([counts], device=accelerator.device))
+                stop_signal = stop_signal or int(counts[:, 1].max())  # every rank sees it at the same micro-step
+                monitor.update(batch, counts[:, 2:].sum(0).tolist())  # all ranks count alike and stop together
+                sampler.advance(batch["num_rows"])
+                seed = step_seed(args.seed, state["micro_step"], accelerator.process_index)
+                torch.manual_seed(seed)  # LoRA / adapter dropout
+                generator = torch.Generator().manual_seed(seed)
+                usable = bool(counts[:, 0].min() > 0)  # every row of a batch can be bad (skipped)
+                batch["global_step"] = state["global_step"]  # for a loss with a schedule (`Stage`)
+                done = micro_step(accelerator, args, stage, batch, generator, usable, params, optimizer, lr_scheduler)
+                state["micro_step"] += 1
+                if done.finite_loss:
+                    counted += 1
+                    for key, value in {"loss": done.loss, **done.logs}.items():
+                        running[key] = running.get(key, 0.0) + value
+                elif not done.usable:
+                    logger.warning("micro-step %d skipped: a batch had no usable rows", state["micro_step"])
                 else:
-                    sampler.next_epoch()
-    finally:
-        # The workers ignore SIGTERM (`ignore_stop_signals`), so they must end with the loop: left
-        # to interpreter exit (a traceback that keeps the loader's iterator, e.g. a worker's error
-        # re-raised there), multiprocessing's exit handler would SIGTERM them and wait forever.
-        workers = getattr(loader, "_iterator", None)  # torch keeps the persistent workers' iterator there
-        if workers is not None:
-            workers._shutdown_workers()  # torch's own shutdown; it is what the iterator's __del__ calls
+                    logger.warning("non-finite loss at micro-step %d: skipped", state["micro_step"])
+                if done.usable and not (done.finite_loss and done.finite_grads):
+                    if done.finite_loss:
+                        logger.warning("non-finite gradient at micro-step %d: skipped", state["micro_step"])
+                    state["nonfinite_in_a_row"] += 1  # since the last optimizer step
+                    if state["nonfinite_in_a_row"] >= args.max_nonfinite_steps:
+                        raise UserError(
+                            f"{state['nonfinite_in_a_row']} non-finite losses or gradients without an optimizer step "
+                            "between them; lower --learning_rate or use --mixed_precision bf16/no"
+                        )
+                if not accelerator.sync_gradients:
+                    continue
+                if not done.stepped:
+                    # No update: the window's gradients are dropped and the step is not counted, so
+                    # global_step, the LR schedule and the checkpoints count optimizer steps only.
+                    logger.warning("no optimizer step at micro-step %d: its window's gradients are dropped", state["micro_step"])
+                    running, counted = {}, 0
+                    if state["micro_step"] - last_update > micro_steps_per_epoch + args.gradient_accumulation_steps:
+                        raise UserError("a whole epoch passed without an optimizer step (no usable rows, or none with finite gradients)")
+                    if (finished := training_done(args, state["global_step"], sampler)) or (halted := bool(stop_signal)):
+                        if state["global_step"]:  # final/ or the resume needs this point's checkpoint
+                            checkpoint()
+                        break
+                    continue
+                last_update = state["micro_step"]
+                state["nonfinite_in_a_row"] = 0
+                state["global_step"] += 1
+                step = state["global_step"]
+                logged = {key: value / max(counted, 1) for key, value in running.items()}
+                logged["lr"] = done.lr
+                logged["grad_norm"] = done.grad_norm
+                running, counted = {}, 0
+                accelerator.log(logged, step=step)
+                progress.update(1)
+                progress.set_postfix(loss=f"{logged.get('loss', float('nan')):.4f}")
+                finished = training_done(args, step, sampler)
+                if step % args.checkpointing_steps == 0 or finished or stop_signal:
+                    checkpoint()
+                if args.validation_steps and step % args.validation_steps == 0 and not (finished or stop_signal):
+                    validate(accelerator, args, parts, stage.validation, step)
+                if finished or (halted := bool(stop_signal)):
+                    break
+            else:
+                sampler.next_epoch()
     progress.close()
     if halted:
         stopped(accelerator, args, stop_signal, state["global_step"])
