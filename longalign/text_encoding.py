@@ -34,7 +34,6 @@ ENCODER_MODES = ("clip+t5", "clip", "t5")
 PAD_EMBEDDING_POSITIONS = 60
 
 
-
 class Segmenter(Protocol):
     """A rule that splits a prompt into CLIP segments (`SEGMENTERS`, chosen by `--segmenter`).
 
@@ -48,6 +47,7 @@ class Segmenter(Protocol):
     """
 
     def __call__(self, prompt: str, tokenizer: Any) -> list[str]: ...
+
 
 LEGACY_PATTERN = re.compile(r'"!|\.|\?|;"')  # the released regex, quotes and all
 
