@@ -354,19 +354,24 @@ def test_too_many_bad_rows_stop_every_rank_at_once(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def resume_and_compare_ranks(out: Path) -> None:
+    """Resume a stopped tests/_uneven_rows_loop.py run to its end: both ranks end with the same weights."""
+    from safetensors.torch import load_file
+
+    result = run_uneven_rows_loop(out, "0.9", "2", "6")
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = (load_file(out / f"rank{rank}.safetensors") for rank in (0, 1))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     """SIGUSR1 reaches rank 1 only: both ranks learn of it in the micro-step's collective, save
     one checkpoint at the same step and exit; the run then resumes on both to its end."""
-    from safetensors.torch import load_file
-
     result = run_uneven_rows_loop(tmp_path, "0.9", "2", "6", "3")
     assert result.returncode != 0 and result.stderr.count("SIGUSR1: stopping with a checkpoint once the optimizer step") == 1
     assert "stopped by SIGUSR1 at step 4: its checkpoint is" in result.stderr, result.stderr[-3000:]  # dropped windows count no step
     assert [c.name for c in checkpoint_dirs(str(tmp_path / "run"))] == ["step_0000004"]
-    result = run_uneven_rows_loop(tmp_path, "0.9", "2", "6")
-    assert result.returncode == 0, result.stderr[-3000:]
-    first, second = (load_file(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1))
-    assert all(torch.equal(first[k], second[k]) for k in first)
+    resume_and_compare_ranks(tmp_path)
 
 
 def test_run_unet_has_the_launcher_forward_sigusr1_to_every_rank(tmp_path):
@@ -376,8 +381,6 @@ def test_run_unet_has_the_launcher_forward_sigusr1_to_every_rank(tmp_path):
     itself exits 1 (torchrun's SignalException). The run then resumes to its end."""
     import os
     import subprocess
-
-    from safetensors.torch import load_file
 
     fake_python = tmp_path / "python"  # prints what the launcher would be started with
     fake_python.write_text('#!/bin/sh\necho "$PET_SIGNALS_TO_HANDLE"\n')
@@ -395,10 +398,7 @@ def test_run_unet_has_the_launcher_forward_sigusr1_to_every_rank(tmp_path):
     assert result.returncode == 1 and result.stderr.count("SIGUSR1: stopping with a checkpoint") == 2, result.stderr[-3000:]
     assert "stopped by SIGUSR1 at step 4: its checkpoint is" in result.stderr
     assert [c.name for c in checkpoint_dirs(str(tmp_path / "run"))] == ["step_0000004"]
-    result = run_uneven_rows_loop(tmp_path, "0.9", "2", "6")
-    assert result.returncode == 0, result.stderr[-3000:]
-    first, second = (load_file(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1))
-    assert all(torch.equal(first[k], second[k]) for k in first)
+    resume_and_compare_ranks(tmp_path)
 
 
 def test_what_trains_is_in_train_mode_for_the_loss_and_in_eval_mode_for_validation(tmp_path, tiny_models):
