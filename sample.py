@@ -27,12 +27,12 @@ from tqdm.auto import tqdm
 from longalign.config import ModelArguments, parse_flags
 from longalign.loading import UserError, check_device, check_folder_path, cli_entry, content_digest, read_prompt_file
 from longalign.pipeline import (
-    LONGSD,
     LONGSD_ADAPTER,
     LONGSD_LORAS,
     LongPromptPipeline,
     get_sampler,
     lacks_lcm_stage,
+    released_segmenter_warning,
     resolve_sources,
     stack_warnings,
     validate_generation,
@@ -169,12 +169,9 @@ def choose_weights(model_args: ModelArguments, sampler: str, flags: set[str]) ->
         print(f"no --init_from: SD1.5 with the adapter {model_args.adapter} and no LoRA")
     elif sampler != "unipc" and lacks_lcm_stage(model_args.init_from):
         logging.warning("--sampler %s: none of the --init_from stages is an lcm stage, so the images will be blurred", sampler)
-    released = [source for source in [*model_args.init_from, model_args.adapter or ""] if source.startswith(f"{LONGSD}/")]
-    if released and model_args.segmenter != "legacy":
-        logging.warning(
-            "%s was trained on prompts split by --segmenter legacy; this run splits them by --segmenter %s",
-            released[0], model_args.segmenter,
-        )  # fmt: skip
+    mismatch = released_segmenter_warning(model_args)
+    if mismatch:
+        logging.warning(mismatch)
 
 
 def images_to_make(args: SampleArguments, prompts: list[str], settings: dict) -> list[tuple[int, str, int]]:

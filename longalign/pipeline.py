@@ -16,6 +16,7 @@ import torch
 from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel, UniPCMultistepScheduler
 
 from .loading import UserError, content_digest, load_pretrained, local_path
+from .lora import LEGACY_SUFFIXES
 from .text_encoding import SD15, T5_LARGE, LongPromptEncoder, PromptReport
 
 if TYPE_CHECKING:
@@ -103,6 +104,21 @@ def lacks_lcm_stage(init_from: Sequence[str]) -> bool:
     unknown kind may be an LCM-LoRA, so then False."""
     configs = [stage_config(source) for source in init_from]
     return all(configs) and not any(config["stage"] == "lcm" for config in configs)
+
+
+def released_segmenter_warning(model_args: ModelArguments) -> str | None:
+    """A warning when the released LongSD weights meet a segmenter other than `legacy`, the split
+    they were trained with (METHOD.md §1), else None. Released means a `luping-liu/LongSD/...`
+    source or a legacy `.pt`/`.pth` LoRA file, a format only the release writes. Checked on the
+    sources as named, so it comes before any download."""
+    named = [model_args.adapter or "", *model_args.init_from]
+    released = [source for source in named if source.startswith(f"{LONGSD}/") or source.lower().endswith(LEGACY_SUFFIXES)]
+    if not released or model_args.segmenter == "legacy" or model_args.encoder_mode == "t5":  # t5: no segments
+        return None
+    return (
+        f"{released[0]} was trained on prompts split by --segmenter legacy; "
+        f"this run splits them by --segmenter {model_args.segmenter}"
+    )
 
 
 def stack_warnings(model_args: ModelArguments, loras: Sequence[str], adapter: str | None) -> list[str]:

@@ -41,7 +41,7 @@ from .config import ModelArguments, TrainingArguments, parse_flags, same_setting
 from .data import STOP_SIGNALS, BadRowMonitor, ResumableSampler, closing_workers, make_dataloader
 from .loading import UserError, check_folder_path, load_pretrained
 from .lora import LoraSettings, add_lora, fuse_stage_loras, save_lora
-from .pipeline import LongPromptPipeline, get_sampler, resolve_sources, stack_warnings
+from .pipeline import LongPromptPipeline, get_sampler, released_segmenter_warning, resolve_sources, stack_warnings
 from .text_encoding import LongPromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -139,6 +139,9 @@ def load_stage_parts(
     """
     weight_dtype = DTYPES[args.mixed_precision]
     device = accelerator.device
+    mismatch = released_segmenter_warning(model_args)
+    if mismatch:
+        logger.warning(mismatch)
     preferred = model_args.adapter or (default_adapter if not model_args.init_from else None)
     init_from, adapter, _ = resolve_sources(
         model_args.pretrained_model, model_args.t5_model, preferred, model_args.init_from, model_args.encoder_mode

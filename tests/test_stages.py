@@ -1,6 +1,7 @@
 """The four training stages end to end on tiny models: chain, resume, 2 processes, bad input (issue 5)."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -197,6 +198,23 @@ def test_align_without_adapter_starts_from_lavi_bridge(tmp_path, tiny_models, da
     # Only align has that default: a later stage with neither --init_from nor --adapter is refused.
     lcm = [sys.executable, str(ROOT / "train_lcm.py"), *common_flags(tiny_models, dataset), "--output_dir", str(tmp_path / "lcm")]
     assert "LaVi-Bridge" not in expect_user_error(lcm[2:], capsys, "no adapter", main=train_lcm.main)
+
+
+def test_training_on_the_released_weights_warns_about_the_segmenter(tmp_path, tiny_models, dataset, capsys, caplog, monkeypatch):
+    """LongSD's LoRAs were trained on `legacy` segments (METHOD.md §1); a stage built on them with
+    another segmenter says so before anything is fetched, as sample.py does."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub fetch then fails; the warning comes first
+    lcm = [*common_flags(tiny_models, dataset), "--output_dir", str(tmp_path / "lcm")]
+    released = ["--init_from", "luping-liu/LongSD/s28750_lora_vis.pt", "--adapter", "luping-liu/LongSD/s28750_adapter"]
+    with caplog.at_level(logging.WARNING, logger="longalign.training"):
+        expect_user_error([*lcm, *released], capsys, "luping-liu/LongSD", main=train_lcm.main)
+        assert "s28750_adapter was trained on prompts split by --segmenter legacy; this run splits them by --segmenter sentences" in caplog.text
+        caplog.clear()
+        expect_user_error([*lcm, "--init_from", str(tmp_path / "lora_vis.pt"), "--adapter", str(tiny_models["adapter"])], capsys, "lora_vis.pt", main=train_lcm.main)
+        assert "lora_vis.pt was trained on prompts split by --segmenter legacy" in caplog.text  # a local copy of a released file
+        caplog.clear()
+        expect_user_error([*lcm, *released, "--segmenter", "legacy"], capsys, "luping-liu/LongSD", main=train_lcm.main)
+        assert "trained on prompts split" not in caplog.text
 
 
 def test_too_many_bad_rows_stop_with_a_clear_message(tmp_path, tiny_models):
