@@ -290,10 +290,10 @@ class RolloutSettings:
         default=(999, 749, 499, 249), metadata={"help": "lcm: timesteps of the 4-step LCM rollout."}
     )
     lcm_boundary_scalings: bool = field(
-        default=True,
+        default=False,
         metadata={
-            "help": "lcm: denoise with c_skip x_t + c_out x0 (True) or plain x0 as the released code does "
-            "(False); at t >= 249 the two differ by < 1e-7 relative."
+            "help": "lcm: denoise to the plain x0 prediction, as released (False), or to c_skip x_t + c_out x0 as "
+            "diffusers' LCMScheduler does (True); at t >= 249 the two differ by < 1e-7 relative."
         },
     )
     checkpoint_grad_steps: bool = field(
@@ -444,8 +444,8 @@ def lcm_rollout(
 
     Starting from noise (B, *latent_shape) drawn from `generator`, every step calls the LCM UNet
     once on the conditional context only (no CFG; `uncond_encoder_hidden_states` is ignored) with
-    gradient (input detached, call checkpointed), forms the denoised x0 with the LCM boundary
-    scalings (or plain x0, see `RolloutSettings.lcm_boundary_scalings`) and, before the next step,
+    gradient (input detached, call checkpointed), takes its x0 prediction (METHOD.md §5, as released;
+    `RolloutSettings.lcm_boundary_scalings` applies the LCM boundary scalings) and, before the next step,
     re-noises x0 to the next timestep with fresh noise from `generator` — the same draws, in the
     same order, as diffusers' `LCMScheduler` with these custom timesteps. Returns `RolloutOutput`
     with the last denoised x0 (B, C, h, w).

@@ -360,6 +360,22 @@ def test_lcm_rollout_matches_lcm_scheduler_and_grads(unet, ddpm):
     unet.zero_grad()
 
 
+def test_lcm_rollout_denoises_to_the_plain_x0_prediction_by_default(ddpm):
+    """METHOD.md §5 (as released): the rollout re-noises and returns the x0 prediction itself; the
+    boundary scalings are an option. At t = 1 they differ visibly (c_skip = 0.0025)."""
+    cond, _ = contexts()
+    model = ScalarModel()
+    outputs = {}
+    with torch.no_grad():
+        for name, scalings in [("default", None), ("plain", False), ("scaled", True)]:
+            settings = diffusion.RolloutSettings(lcm_timesteps=(999, 1))
+            if scalings is not None:
+                settings.lcm_boundary_scalings = scalings
+            outputs[name] = diffusion.lcm_rollout(model, cond, None, ddpm, LATENT_SHAPE, torch.Generator().manual_seed(3), settings).x0
+    assert torch.equal(outputs["default"], outputs["plain"])
+    assert not torch.allclose(outputs["default"], outputs["scaled"], rtol=1e-4, atol=1e-4)
+
+
 def test_same_seed_same_output(ddpm):
     cond, uncond = contexts()
     model = ScalarModel()
