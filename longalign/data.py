@@ -102,7 +102,11 @@ class DataSettings:
         default=200, metadata={"help": "Rows seen before the bad-row fraction is checked (or one full epoch)."}
     )
     warn_every_rows: int = field(default=10000, metadata={"help": "At most one bad-row warning per this many rows."})
-    split: str = field(default="train", metadata={"help": "Dataset split to read."})
+    split: str = field(
+        default="train",
+        metadata={"help": "dataset split, in datasets' slice syntax: train, train[5000:] (leaves out the first 5000 "
+                  "rows), train[:100]+train[200:]; an image folder is the split train"},
+    )  # fmt: skip
     max_rows: int | None = field(default=None, metadata={"help": "Use only the first N rows (smoke runs)."})
     cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder (default: the HF cache)."})
     fast_jpeg_decode: bool = field(
@@ -173,6 +177,19 @@ def _load_with_datasets(settings: DataSettings, kind: str | None, source: str):
         raise UserError(f"could not read dataset '{source}': {reason}{hint}") from None
 
 
+def _select_split(table, split: str, source: str):
+    """The rows of an image folder's table that `split` names, in datasets' split syntax (the
+    folder is the one split `train`, as datasets' imagefolder names it: `train[5000:]`,
+    `train[:10%]`, `train[:100]+train[200:]`), so `--split` holds rows out of any dataset kind."""
+    import datasets
+
+    try:
+        ranges = datasets.ReadInstruction.from_spec(split).to_absolute({"train": len(table)})
+    except ValueError as error:
+        raise UserError(f"--split '{split}' does not fit the image folder '{source}': {error}") from None
+    return table.select([index for part in ranges for index in range(part.from_, part.to)])
+
+
 def load_caption_table(settings: DataSettings, with_images: bool = True):
     """Load the (path, caption) table named by `settings.dataset` (METHOD.md §6).
 
@@ -191,7 +208,7 @@ def load_caption_table(settings: DataSettings, with_images: bool = True):
     if folder_rows:
         if uncaptioned:
             logger.warning("%d images under %s have no .txt caption beside them and are not used", uncaptioned, source)
-        table = datasets.Dataset.from_list(folder_rows)
+        table = _select_split(datasets.Dataset.from_list(folder_rows), settings.split, source)
         if not with_images:
             table = table.select_columns(["caption"])
     else:

@@ -100,6 +100,11 @@ def test_image_folder_with_txt_captions(tmp_path):
     settings = settings_for(folder, tmp_path)
     table = load_caption_table(settings)
     assert table["path"] == ["a.png", "latin1.png", "sub/b.jpg"] and table["caption"][1] is None
+    # --split holds rows out of a folder as of a table (the folder is the split 'train')
+    assert load_caption_table(settings_for(folder, tmp_path, split="train[1:]"))["path"] == ["latin1.png", "sub/b.jpg"]
+    assert load_caption_table(settings_for(folder, tmp_path, split="train[:1]+train[2:]"))["path"] == ["a.png", "sub/b.jpg"]
+    with pytest.raises(UserError, match=r"--split 'test' does not fit the image folder .*Unknown split"):
+        load_caption_table(settings_for(folder, tmp_path, split="test"))
     dataset = build_train_dataset(settings)
     red, bad, blue = dataset[0], dataset[1], dataset[2]
     assert bad.reason == "bad_caption"

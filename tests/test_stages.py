@@ -217,6 +217,16 @@ def test_training_on_the_released_weights_warns_about_the_segmenter(tmp_path, ti
         assert "trained on prompts split" not in caplog.text
 
 
+@pytest.mark.parametrize("script", ["train_align", "train_lcm", "train_reward", "sample"])
+def test_help_lists_every_flag(script, capsys):
+    """`--help` formats every flag's help text (argparse reads a stray `%` as a format and fails)."""
+    module = __import__(script)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "--segmenter" in out and ("--split" in out) == script.startswith("train")
+
+
 def test_too_many_bad_rows_stop_with_a_clear_message(tmp_path, tiny_models):
     data = write_tiny_dataset(tmp_path / "bad", n=2, resolution=64, broken_image=True, missing_image=True)
     result = run(align_cmd(tiny_models, data, tmp_path / "out", 2), tmp_path, check=False)
