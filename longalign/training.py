@@ -317,7 +317,7 @@ def check_optimizer_settings(checkpoint: Path, args: TrainingArguments) -> None:
 
 
 # Training flags that may change on a resume without a word (where and how long the run goes, what
-# it logs, memory), and those that must not (the data order and what trains). Any other change, e.g.
+# it logs, memory), and those that must not (the data order, which rows, and what trains). Any other change, e.g.
 # the batch size or accumulation (the global batch from here on) or the --dataset and --image_root
 # (data that moved, or other data with as many rows), is named in a warning.
 RESUMABLE_FLAGS = frozenset({
@@ -326,7 +326,7 @@ RESUMABLE_FLAGS = frozenset({
     "cpu", "max_nonfinite_steps", "max_bad_fraction", "min_rows_before_check", "warn_every_rows",
     "cache_dir", "gradient_checkpointing",
 })  # fmt: skip
-FIXED_FLAGS = frozenset({"seed", "max_rows", "lora_rank", "train_adapter", "rollout"})
+FIXED_FLAGS = frozenset({"seed", "split", "max_rows", "lora_rank", "train_adapter", "rollout"})
 
 
 def resumed_differences(checkpoint: Path, model_args: ModelArguments, args: TrainingArguments) -> dict[str, list[str]]:

@@ -695,9 +695,9 @@ def test_a_resume_on_other_models_is_refused_and_changed_flags_are_named(tmp_pat
     args.dataset = "moved/unused.jsonl"  # data that moved, or other data with as many rows: said, not refused
     assert resumed_differences(checkpoint, ModelArguments(), args)["changed"] == ["--dataset unused.jsonl (this run: moved/unused.jsonl)"]
     args.dataset = "unused.jsonl"
-    args.caption_dropout, args.seed, args.gradient_accumulation_steps = 0.2, 1, 2
+    args.caption_dropout, args.seed, args.gradient_accumulation_steps, args.split = 0.2, 1, 2, "train[5:]"
     assert resumed_differences(checkpoint, ModelArguments(), args) == {
-        "refused": ["--seed 0 (this run: 1)"],
+        "refused": ["--split train (this run: train[5:])", "--seed 0 (this run: 1)"],  # other rows at the same position
         "changed": ["--gradient_accumulation_steps 1 (this run: 2)", "--caption_dropout 0.1 (this run: 0.2)"],
     }  # fmt: skip
     with pytest.raises(UserError, match="was trained with --seed 0 \\(this run: 1\\)"):
