@@ -535,15 +535,14 @@ def align_ablation(unet: torch.nn.Module, kind: str) -> Any:
         raise ValueError(f"align ablation '{kind}' does not apply: {missing}")
     lora_layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
     with contextlib.ExitStack() as stack:
-        if kind in ("no_lora_dropout", "lora_lean"):
-            saved = [(layer, dict(layer.lora_dropout.items())) for layer in lora_layers]
-            for layer, dropouts in saved:
-                for key in dropouts:
-                    layer.lora_dropout[key] = torch.nn.Identity()
+        if kind in ("no_lora_dropout", "lora_lean"):  # the dropout on each LoRA branch's output (longalign.lora)
+            saved = [(up, up.branch_dropout) for up in unet.modules() if hasattr(up, "branch_dropout")]
+            for up, _ in saved:
+                up.branch_dropout = torch.nn.Identity()
 
             def restore_dropout() -> None:
-                for layer, dropouts in saved:
-                    layer.lora_dropout.update(dropouts)
+                for up, dropout in saved:
+                    up.branch_dropout = dropout
 
             stack.callback(restore_dropout)
         if kind in ("no_lora_input_cast", "lora_lean"):

@@ -137,7 +137,7 @@ class TrainingArguments(DataSettings):
     )
     dataloader_num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes per rank"})
     lora_rank: int = field(default=32, metadata={"help": "LoRA rank (alpha = rank, scale 1)"})
-    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "dropout on each LoRA branch's output, dropout(B(A(x))), as released"})
     max_nonfinite_steps: int = field(default=10, metadata={"help": "stop after this many non-finite losses or gradients without an optimizer step between them"})
     cpu: bool = field(default=False, metadata={"help": "run on CPU even when a GPU is present"})
 

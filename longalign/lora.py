@@ -40,12 +40,14 @@ class LoraSettings:
 
     `alpha=None` means `alpha = rank` (peft scale `alpha / rank = 1`, as in the released code).
     `init="gaussian"` is peft's `lora_A ~ N(0, std = 1/rank)`, `lora_B = 0`, the initialisation of
-    the released LoRA layers, so a new adapter starts as the identity edit.
+    the released LoRA layers, so a new adapter starts as the identity edit. `dropout` acts on the
+    branch's output, `dropout(B(A(x)))`, as in the released layers; `add_lora` adds it, because
+    peft's `lora_dropout` drops the branch's input (`B(A(dropout(x)))`) and is 0 in `lora_config`.
     """
 
     rank: int = field(default=32, metadata={"help": "LoRA rank r"})
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; None = rank (scale 1)"})
-    dropout: float = field(default=0.1, metadata={"help": "dropout on the LoRA branch input"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout on the LoRA branch's output, as released"})
     init: str = field(default="gaussian", metadata={"help": "peft init_lora_weights: gaussian | true"})
 
     def lora_config(self, target_modules: Sequence[str]):
@@ -58,7 +60,7 @@ class LoraSettings:
         return LoraConfig(
             r=self.rank,
             lora_alpha=self.rank if self.alpha is None else self.alpha,
-            lora_dropout=self.dropout,
+            lora_dropout=0.0,  # `add_lora` drops the branch's output instead, as released
             init_lora_weights=init,
             target_modules=list(target_modules),
         )
@@ -192,6 +194,27 @@ def _check_adapter_name(adapter_name: str, unet: nn.Module) -> None:
         raise UserError(f"the UNet already has a LoRA adapter named '{adapter_name}'")
 
 
+def _drop_branch_output(lora_B: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return lora_B.branch_dropout(output)
+
+
+def _add_branch_dropout(unet: nn.Module, adapter_name: str, p: float) -> None:
+    """Dropout(p) on the output of each LoRA branch of `adapter_name`, `dropout(B(A(x)))`, as the
+    released LoRA layers apply it (METHOD.md §3).
+
+    Each is the `branch_dropout` child of the branch's `lora_B` module, applied by a forward hook on
+    it: it holds no parameters (the state dict is unchanged) and follows the UNet's train/eval mode.
+    peft's merge reads `lora_B.weight`, not its forward, so fusing is unaffected.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    for layer in unet.modules():
+        if isinstance(layer, LoraLayer) and adapter_name in layer.lora_B:
+            up = layer.lora_B[adapter_name]
+            up.branch_dropout = nn.Dropout(p)
+            up.register_forward_hook(_drop_branch_output)
+
+
 def add_lora(unet: nn.Module, adapter_name: str = "default", settings: LoraSettings | None = None) -> list[nn.Parameter]:
     """Add a trainable peft LoRA adapter on `lora_target_modules(unet)` and return its parameters.
 
@@ -207,6 +230,8 @@ def add_lora(unet: nn.Module, adapter_name: str = "default", settings: LoraSetti
     with _several_adapters_expected():
         unet.add_adapter(settings.lora_config(lora_target_modules(unet)), adapter_name=adapter_name)
     _activate(unet, previously_active + [adapter_name], trainable=adapter_name)
+    if settings.dropout > 0:
+        _add_branch_dropout(unet, adapter_name, settings.dropout)
     unet.train(unet.training)  # the injected Dropout modules follow the UNet's train/eval mode
     trainable = [param for param in unet.parameters() if param.requires_grad]
     drawn_in_low_precision = any(param.dtype != torch.float32 for param in trainable)

@@ -160,11 +160,12 @@ def test_align_ablations_take_effect_and_are_undone(tiny_models):
     params = add_lora(unet, "align", LoraSettings(rank=4))
     unet.train()
     layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+    ups = [layer.lora_B["align"] for layer in layers]
     conv = next(m for m in unet.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.requires_grad is False)
 
     def state() -> tuple:
         return (
-            [type(layer.lora_dropout["align"]).__name__ for layer in layers],
+            [type(up.branch_dropout).__name__ for up in ups],
             [layer.cast_input_dtype_enabled for layer in layers],
             [layer.disable_adapters for layer in layers],
             [p.requires_grad for p in unet.parameters()],

@@ -182,10 +182,36 @@ def test_add_lora_init_and_fp32_params_on_bf16_unet():
     assert lora_b.abs().max() == 0
     assert abs(lora_a.std().item() - 1 / settings.rank) < 0.1 / settings.rank
     assert not torch.equal(lora_a, lora_a.bfloat16().float())  # drawn in fp32, not rounded through bf16
-    assert unet.peft_config["align"].lora_alpha == settings.rank and unet.peft_config["align"].lora_dropout == 0.1
+    assert unet.peft_config["align"].lora_alpha == settings.rank and unet.peft_config["align"].lora_dropout == 0.0
     latents, timesteps, context = unet_inputs()
     output = run(unet, (latents.bfloat16(), timesteps, context.bfloat16()))
     assert output.dtype == torch.bfloat16 and torch.isfinite(output).all()
+
+
+def test_lora_dropout_drops_the_branch_output_as_released():
+    """METHOD.md §3 / released LoRA layers: W x + dropout(B A x), not peft's B A dropout(x). In train
+    mode each element of a layer's LoRA delta is then 0 or (B A x) / (1 - p); in eval mode, B A x."""
+    from peft.tuners.lora import LoraLayer
+
+    unet = make_unet()
+    add_lora(unet, "align", LoraSettings(rank=4, dropout=0.5))
+    randomize_lora_b(unet, "align")
+    layers = {type(m.get_base_layer()).__name__: m for m in unet.modules() if isinstance(m, LoraLayer)}
+    generator = torch.Generator().manual_seed(5)
+    for kind in ("Linear", "Conv2d"):
+        layer = layers[kind]
+        base, down, up = layer.get_base_layer(), layer.lora_A["align"], layer.lora_B["align"]
+        inputs = base.weight.shape[1]
+        x = torch.randn((2, inputs, 8, 8) if kind == "Conv2d" else (2, 7, inputs), generator=generator)
+        with torch.no_grad():  # B A x without the module calls (a call of `up` runs its dropout)
+            branch = nn.functional.conv2d(down(x), up.weight) if kind == "Conv2d" else nn.functional.linear(down(x), up.weight)
+            unet.train()
+            delta = layer(x) - base(x)
+            unet.eval()
+            assert torch.allclose(layer(x) - base(x), branch, atol=1e-5), kind
+        kept = delta.abs() > 1e-6
+        assert 0.3 < kept.float().mean() < 0.7, kind  # about half the output elements dropped
+        assert torch.allclose(delta[kept], branch[kept] * 2, atol=1e-5), kind
 
 
 def test_saved_lora_loads_in_stock_pipeline_exactly(tiny_models, tmp_path):

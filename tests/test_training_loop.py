@@ -422,7 +422,7 @@ def test_what_trains_is_in_train_mode_for_the_loss_and_in_eval_mode_for_validati
 
     def recording_loss(parts, batch, generator):
         segments.append(batch["segments"])
-        dropouts = [m for name, m in parts.unet.named_modules() if name.endswith("lora_dropout.align")]
+        dropouts = [m for name, m in parts.unet.named_modules() if name.endswith("lora_B.align.branch_dropout")]
         assert dropouts
         in_loss.append(
             dict(
