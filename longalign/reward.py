@@ -235,9 +235,10 @@ def crop_and_resize(
 ) -> torch.Tensor:
     """Differentiable image preparation (METHOD.md §4): random crop, then resize to the model input.
 
-    `images` (B, 3, H, W). With `random_crop`, each image gets its own crop of 504/512 of each side
-    (504 px of a 512 px image, against blocky artefacts; scaled to other resolutions), offsets drawn
-    from `generator` (or the global torch RNG). The result is resized so its shorter side is `size`
+    `images` (B, 3, H, W). With `random_crop`, the batch is cropped to 504/512 of each side (504 px
+    of a 512 px image, against blocky artefacts; scaled to other resolutions) at one offset for the
+    whole batch, drawn from `generator` (or the global torch RNG), as the released `RandomCrop` on
+    the batch tensor does. The result is resized so its shorter side is `size`
     (bilinear, antialiased: the released `transforms.Resize((224, 224))` on tensors) and
     centre-cropped to (B, 3, size, size). No-op steps are skipped.
     """
@@ -246,11 +247,9 @@ def crop_and_resize(
         crop_h = max(1, round(height * CROP_FRACTION))
         crop_w = max(1, round(width * CROP_FRACTION))
         device = generator.device if generator is not None else "cpu"
-        tops = torch.randint(0, height - crop_h + 1, (images.shape[0],), generator=generator, device=device).tolist()
-        lefts = torch.randint(0, width - crop_w + 1, (images.shape[0],), generator=generator, device=device).tolist()
-        images = torch.stack(
-            [image[:, top : top + crop_h, left : left + crop_w] for image, top, left in zip(images, tops, lefts)]
-        )
+        top = int(torch.randint(0, height - crop_h + 1, (1,), generator=generator, device=device))
+        left = int(torch.randint(0, width - crop_w + 1, (1,), generator=generator, device=device))
+        images = images[:, :, top : top + crop_h, left : left + crop_w]
         height, width = crop_h, crop_w
     if min(height, width) != size:
         scale = size / min(height, width)
