@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from longalign.config import ModelArguments, parse_flags
-from longalign.loading import UserError, check_device, check_folder_path, cli_entry, content_digest, read_prompt_file
+from longalign.loading import UserError, check_device, check_folder_path, cli_entry, read_prompt_file
 from longalign.pipeline import (
     LONGSD_ADAPTER,
     LONGSD_LORAS,
@@ -34,6 +34,7 @@ from longalign.pipeline import (
     lacks_lcm_stage,
     released_segmenter_warning,
     resolve_sources,
+    source_digests,
     stack_warnings,
     validate_generation,
 )
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     loras, adapter, checkpoints = resolve_sources(
         model_args.pretrained_model, model_args.t5_model, model_args.adapter, model_args.init_from, model_args.encoder_mode
     )
-    for warning in stack_warnings(model_args, loras, adapter):
+    digests = source_digests(loras, adapter)
+    for warning in stack_warnings(model_args, loras, adapter, digests):
         logging.warning(warning)
     settings = {  # the same for every image; one JSON round trip, so it compares equal to a saved sidecar
         "negative_prompt": args.negative_prompt,
@@ -113,10 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         "width": args.width,
         "dtype": str(dtype).replace("torch.", ""),
         "checkpoints": checkpoints,
-        "checkpoint_sha256": {  # a stage retrained at the same path is another checkpoint
-            "adapter": content_digest(adapter) if adapter else None,
-            "init_from": [content_digest(lora) for lora in loras],
-        },
+        "checkpoint_sha256": digests,  # a stage retrained at the same path is another checkpoint
         "encoder": {"mode": model_args.encoder_mode, "segmenter": model_args.segmenter, "token_length": model_args.token_length},
     }
     settings = json.loads(json.dumps(settings))

@@ -87,6 +87,14 @@ def resolve_sources(
     return loras, adapter, checkpoints
 
 
+def source_digests(loras: Sequence[str], adapter: str | None) -> dict:
+    """`content_digest` of the adapter folder (None without one) and of each local `--init_from`
+    source (a stage folder as a whole): recorded in sample.py's sidecars and in each stage's
+    `config.json` as `checkpoint_sha256`, so a stage retrained at the same path is told apart from
+    the one that was used."""
+    return {"adapter": content_digest(adapter) if adapter else None, "init_from": [content_digest(lora) for lora in loras]}
+
+
 def stage_config(source: str) -> dict | None:
     """The `config.json` of one of our stage folders (`runs/align-x/final`), or None for anything
     else (a LoRA file, a released `.pt`, a hub path)."""
@@ -121,21 +129,29 @@ def released_segmenter_warning(model_args: ModelArguments) -> str | None:
     )
 
 
-def stack_warnings(model_args: ModelArguments, loras: Sequence[str], adapter: str | None) -> list[str]:
-    """What a stack of `--init_from` stages (`loras`: their local paths) and the `adapter` have that
-    the stages were not trained with, from each stage folder's `config.json`: other encoder
-    settings or models (the LoRA then sees a context it was not trained on), fewer stages before
-    one than it was trained on top of, and an explicit `--adapter` other than (by content) the one
-    the last stage folder carries."""
+def stack_warnings(model_args: ModelArguments, loras: Sequence[str], adapter: str | None, digests: dict) -> list[str]:
+    """What a stack of `--init_from` stages (`loras`: their local paths, `digests`: their
+    `source_digests`) and the `adapter` have that the stages were not trained with, from each stage
+    folder's `config.json`: other encoder settings or models (the LoRA then sees a context it was
+    not trained on), fewer stages before one than it was trained on top of, stages before it that
+    have changed since it was trained on them (retrained or trained further at the same path), and
+    an explicit `--adapter` other than (by content) the one the last stage folder carries."""
     found = []
     for index, source in enumerate(loras):
-        trained = (stage_config(source) or {}).get("model") or {}  # {}: not a stage folder of ours
+        config = stage_config(source) or {}  # {}: not a stage folder of ours
+        trained = config.get("model") or {}
         found += [f"{source} was trained with {difference}" for difference in model_args.encoding_differences(trained)]
-        if len(trained.get("init_from") or []) > index:
+        below = list(trained.get("init_from") or [])
+        if len(below) > index:
             found.append(
-                f"{source} was trained on top of {', '.join(map(str, trained['init_from']))}, but --init_from "
-                f"puts {index} stage(s) before it"
+                f"{source} was trained on top of {', '.join(map(str, below))}, but --init_from puts {index} stage(s) before it"
             )
+            continue
+        then = (config.get("checkpoint_sha256") or {}).get("init_from")  # absent: written before it was recorded
+        now = digests["init_from"][index - len(below) : index]
+        changed = [str(lora) for lora, a, b in zip(loras[index - len(below) : index], then or [], now) if a != b]
+        if then is not None and changed:
+            found.append(f"{source} was trained on top of another version of {', '.join(changed)} (changed since)")
     carried = [os.path.join(source, "adapter") for source in loras if os.path.isdir(os.path.join(source, "adapter"))]
     if model_args.adapter is not None and adapter and carried and content_digest(adapter) != content_digest(carried[-1]):
         found.append(f"--adapter {model_args.adapter} replaces {carried[-1]}, the adapter that stage was trained with")

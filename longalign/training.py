@@ -39,9 +39,16 @@ from tqdm.auto import tqdm
 
 from .config import ModelArguments, TrainingArguments, parse_flags, same_setting
 from .data import STOP_SIGNALS, BadRowMonitor, ResumableSampler, closing_workers, make_dataloader
-from .loading import UserError, check_folder_path, load_pretrained
+from .loading import UserError, check_folder_path, content_digest, load_pretrained, local_path
 from .lora import LoraSettings, add_lora, fuse_stage_loras, save_lora
-from .pipeline import LongPromptPipeline, get_sampler, released_segmenter_warning, resolve_sources, stack_warnings
+from .pipeline import (
+    LongPromptPipeline,
+    get_sampler,
+    released_segmenter_warning,
+    resolve_sources,
+    source_digests,
+    stack_warnings,
+)
 from .text_encoding import LongPromptEncoder
 
 logger = logging.getLogger(__name__)
@@ -88,6 +95,7 @@ class StageParts:
     noise_scheduler: DDPMScheduler
     weight_dtype: torch.dtype
     adapter_source: str | None = None  # the local adapter folder the encoder loaded (None in clip mode)
+    checkpoint_sha256: dict | None = None  # `source_digests` of that adapter and the --init_from stages
 
 
 LossFn = Callable[[StageParts, dict, torch.Generator], "tuple[torch.Tensor, dict[str, float]]"]
@@ -148,7 +156,8 @@ def load_stage_parts(
     )
     if adapter is not None:
         logger.info("text adapter: %s", adapter)
-    for warning in stack_warnings(model_args, init_from, adapter):
+    digests = source_digests(init_from, adapter)
+    for warning in stack_warnings(model_args, init_from, adapter, digests):
         logger.warning(warning)
     unet = load_pretrained(UNet2DConditionModel, model_args.pretrained_model, "UNet", subfolder="unet")
     fuse_stage_loras(unet, init_from)
@@ -176,7 +185,7 @@ def load_stage_parts(
     add_lora(unet, lora_name, LoraSettings(rank=args.lora_rank, dropout=args.lora_dropout))
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    return StageParts(unet, vae, encoder, noise_scheduler, weight_dtype, adapter_source=adapter)
+    return StageParts(unet, vae, encoder, noise_scheduler, weight_dtype, adapter_source=adapter, checkpoint_sha256=digests)
 
 
 def encode_images(vae: AutoencoderKL, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -270,7 +279,10 @@ def check_output_dir(model_args: ModelArguments, args: TrainingArguments) -> Pat
     check_optimizer_settings(path, args)
     differences = resumed_differences(path, model_args, args)
     if differences["refused"]:
-        raise UserError(f"'{path}' was trained with {differences['refused'][0]}; resume with the same settings")
+        raise UserError(
+            f"'{path}' was trained with {differences['refused'][0]}; resume with the same settings, or start the run "
+            "anew with --overwrite"
+        )
     return path
 
 
@@ -329,18 +341,34 @@ RESUMABLE_FLAGS = frozenset({
 FIXED_FLAGS = frozenset({"seed", "split", "max_rows", "lora_rank", "train_adapter", "rollout"})
 
 
+def checkpoint_config(checkpoint: Path) -> dict | None:
+    """The `config.json` a checkpoint was saved with (its own, else its run's), or None when neither reads."""
+    own = checkpoint / "config.json"
+    try:
+        config = json.loads((own if own.exists() else checkpoint.parent.parent / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def resumed_differences(checkpoint: Path, model_args: ModelArguments, args: TrainingArguments) -> dict[str, list[str]]:
     """This run against the checkpoint's `config.json` (else its run's), as `--flag value (...)`
     lines: "refused" (other models, earlier stages or encoder settings, on which the checkpoint's
-    LoRA was trained, or a `FIXED_FLAGS` flag) and "changed" (other training flags, which apply
-    from the resume on). Both empty without such a file."""
-    own = checkpoint / "config.json"
+    LoRA was trained, an earlier stage whose content changed at its path since, or a `FIXED_FLAGS`
+    flag) and "changed" (other training flags, which apply from the resume on). Both empty without
+    such a file."""
+    saved = checkpoint_config(checkpoint)
     try:
-        saved = json.loads((own if own.exists() else checkpoint.parent.parent / "config.json").read_text())
         saved_model, saved_training = dict(saved["model"]), dict(saved["training"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError, ValueError):
         return {"refused": [], "changed": []}
     refused = model_args.encoding_differences(saved_model, (*ModelArguments.ENCODING, "adapter", "init_from"))
+    if not refused:  # the same --init_from paths: the same stages?
+        then = (saved.get("checkpoint_sha256") or {}).get("init_from") or []  # absent: an older run
+        for source, digest in zip(model_args.init_from, then):
+            now = content_digest(local_path(source, "LoRA"))
+            if now != digest:
+                refused.append(f"--init_from {source} as it was then (sha256 {digest}; it is {now} now: changed since)")
     changed = []
     for name, value in asdict(args).items():
         if name in RESUMABLE_FLAGS or name not in saved_training or same_setting(saved_training[name], value):
@@ -633,18 +661,23 @@ def write_stage_files(
     elif adapter is not None and parts.adapter_source is not None:
         shutil.rmtree(folder / "adapter", ignore_errors=True)
         shutil.copytree(parts.adapter_source, folder / "adapter")
-    config = resolved_config(stage, model_args, args, accelerator)
-    config["adapter_source"] = parts.adapter_source
+    config = resolved_config(stage, model_args, args, accelerator, parts)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def resolved_config(stage: str, model_args: ModelArguments, args: TrainingArguments, accelerator: Accelerator) -> dict:
-    """Everything this run was configured with, as JSON."""
+def resolved_config(
+    stage: str, model_args: ModelArguments, args: TrainingArguments, accelerator: Accelerator, parts: StageParts
+) -> dict:
+    """Everything this run was configured with, as JSON, and what it was built on: the local
+    adapter folder and `checkpoint_sha256`, the content digests of that adapter and of the
+    `--init_from` stages (a resume or a later stack refuses or names a stage changed since)."""
     return {
         "stage": stage,
         "model": asdict(model_args),
         "training": asdict(args),
         "num_processes": accelerator.num_processes,
+        "adapter_source": parts.adapter_source,
+        "checkpoint_sha256": parts.checkpoint_sha256,
     }
 
 
@@ -880,7 +913,7 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
         logger.info("resumed from %s at step %d", resume, state["global_step"])
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        config = resolved_config(stage.name, model_args, args, accelerator)
+        config = resolved_config(stage.name, model_args, args, accelerator, parts)
         (Path(args.output_dir) / "config.json").write_text(json.dumps(config, indent=2))
         accelerator.init_trackers(f"longalign-{stage.name}", config={k: str(v) for k, v in asdict(args).items()})
 

@@ -121,8 +121,9 @@ def test_a_stage_trained_with_other_encoder_settings_is_named(tiny_models, loras
 
 def test_a_stack_unlike_the_one_its_stages_were_trained_in_is_named(tmp_path):
     """A later stage named without the stages it was trained on top of (a reward LoRA alone on
-    SD1.5), and an --adapter that replaces the one a stage folder carries, are warned about."""
-    from longalign.pipeline import stack_warnings
+    SD1.5), on top of a stage changed since, and an --adapter that replaces the one a stage folder
+    carries, are warned about."""
+    from longalign.pipeline import source_digests, stack_warnings
 
     align, reward = tmp_path / "align" / "final", tmp_path / "reward" / "final"
     for folder, stage, earlier in ((align, "align", []), (reward, "reward", ["runs/align-x/final"])):
@@ -132,13 +133,24 @@ def test_a_stack_unlike_the_one_its_stages_were_trained_in_is_named(tmp_path):
     other = tmp_path / "other_adapter"
     other.mkdir()
     (other / "adapter.safetensors").write_bytes(b"another adapter")
-    assert stack_warnings(ModelArguments(), [str(align), str(reward)], str(reward / "adapter")) == []
-    assert stack_warnings(ModelArguments(adapter=str(align / "adapter")), [str(align), str(reward)], str(align / "adapter")) == []
-    assert stack_warnings(ModelArguments(), [str(reward)], str(reward / "adapter")) == [
+    def warnings(model_args, loras, adapter):
+        return stack_warnings(model_args, loras, adapter, source_digests(loras, adapter))
+
+    assert warnings(ModelArguments(), [str(align), str(reward)], str(reward / "adapter")) == []
+    assert warnings(ModelArguments(adapter=str(align / "adapter")), [str(align), str(reward)], str(align / "adapter")) == []
+    assert warnings(ModelArguments(), [str(reward)], str(reward / "adapter")) == [
         f"{reward} was trained on top of runs/align-x/final, but --init_from puts 0 stage(s) before it"
     ]
-    assert stack_warnings(ModelArguments(adapter=str(other)), [str(align), str(reward)], str(other)) == [
+    assert warnings(ModelArguments(adapter=str(other)), [str(align), str(reward)], str(other)) == [
         f"--adapter {other} replaces {reward / 'adapter'}, the adapter that stage was trained with"
+    ]
+    # The reward stage records the align folder it was trained on; align trained further since:
+    recorded = {"stage": "reward", "model": {"init_from": ["runs/align-x/final"]}, "checkpoint_sha256": source_digests([str(align)], None)}
+    (reward / "config.json").write_text(json.dumps(recorded))
+    assert warnings(ModelArguments(), [str(align), str(reward)], str(reward / "adapter")) == []
+    (align / "pytorch_lora_weights.safetensors").write_bytes(b"align after more steps")
+    assert warnings(ModelArguments(), [str(align), str(reward)], str(reward / "adapter")) == [
+        f"{reward} was trained on top of another version of {align} (changed since)"
     ]
 
 

@@ -15,6 +15,7 @@ import train_align
 import train_lcm
 from _two_processes import two_cpu_processes
 from longalign.data import write_tiny_dataset
+from longalign.pipeline import source_digests
 from longalign.training import checkpoint_dirs
 from test_sample import expect_user_error
 
@@ -90,6 +91,8 @@ def test_chain_writes_final_artifacts(chain):
     lcm_config = json.loads((cwd / "runs" / "lcm-tiny" / "final" / "config.json").read_text())
     assert lcm_config["model"]["init_from"] == ["runs/align-tiny/final"]
     assert lcm_config["adapter_source"] == "runs/align-tiny/final/adapter"
+    align_final = str(cwd / "runs" / "align-tiny" / "final")  # what lcm was trained on, by content
+    assert lcm_config["checkpoint_sha256"] == source_digests([align_final], os.path.join(align_final, "adapter"))
     reward_lcm = json.loads((cwd / "runs" / "reward_lcm-tiny" / "final" / "config.json").read_text())
     assert reward_lcm["model"]["init_from"] == ["runs/align-tiny/final", "runs/lcm-tiny/final"]
     assert reward_lcm["training"]["rollout"] == "lcm" and reward_lcm["training"]["gradient_accumulation_steps"] == 2

@@ -680,6 +680,7 @@ def test_a_resume_on_other_models_is_refused_and_changed_flags_are_named(tmp_pat
     """The checkpoint's LoRA was trained on its run's models and earlier stages: resuming it on other
     ones, or with another data order or LoRA rank, is refused. Other training flags apply from the
     resume on, and a warning names them."""
+    from longalign.pipeline import source_digests
     from longalign.training import resumed_differences
 
     tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=2, checkpointing_steps=2)
@@ -702,6 +703,21 @@ def test_a_resume_on_other_models_is_refused_and_changed_flags_are_named(tmp_pat
     }  # fmt: skip
     with pytest.raises(UserError, match="was trained with --seed 0 \\(this run: 1\\)"):
         tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=4, resume_from="latest", seed=1)
+    # An earlier stage trained further (or retrained) at the same path since: refused by content.
+    align = tmp_path / "align_final"
+    align.mkdir()
+    (align / "pytorch_lora_weights.safetensors").write_bytes(b"align at step 2")
+    run_config = tmp_path / "run" / "config.json"  # the checkpoint's, as it has none of its own
+    config = json.loads(run_config.read_text())
+    config["model"]["init_from"], config["checkpoint_sha256"] = [str(align)], source_digests([str(align)], None)
+    run_config.write_text(json.dumps(config))
+    args.caption_dropout, args.seed, args.gradient_accumulation_steps, args.split = 0.1, 0, 1, "train"
+    assert resumed_differences(checkpoint, ModelArguments(init_from=[str(align)]), args) == {"refused": [], "changed": []}
+    (align / "pytorch_lora_weights.safetensors").write_bytes(b"align at step 4")
+    then, now = config["checkpoint_sha256"]["init_from"][0], source_digests([str(align)], None)["init_from"][0]
+    assert resumed_differences(checkpoint, ModelArguments(init_from=[str(align)]), args)["refused"] == [
+        f"--init_from {align} as it was then (sha256 {then}; it is {now} now: changed since)"
+    ]
 
 
 def test_gradients_are_clipped_to_max_grad_norm_before_the_step(tmp_path, no_final, monkeypatch):
