@@ -75,7 +75,7 @@ def build_stage(model_args: ModelArguments, args: AlignArguments, accelerator) -
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     model_args, args = parse_stage_arguments(AlignArguments, argv)
-    check_output_dir(model_args, args)  # a used --output_dir fails before any model loads
+    check_output_dir(model_args, args, STAGE)  # a used --output_dir fails before any model loads
     dataset = build_train_dataset(args)  # a wrong --dataset or --image_root fails before any model loads
     accelerator = make_accelerator(args)
     run_training(model_args, args, accelerator, build_stage(model_args, args, accelerator), dataset)

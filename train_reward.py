@@ -76,7 +76,7 @@ def build_stage(model_args: ModelArguments, args: RewardArguments, accelerator) 
 @cli_entry
 def main(argv: list[str] | None = None) -> None:
     model_args, args = parse_stage_arguments(RewardArguments, argv)
-    check_output_dir(model_args, args)  # a used --output_dir fails before any model loads
+    check_output_dir(model_args, args, STAGES[args.rollout])  # a used --output_dir fails before any model loads
     if args.rollout == "lcm" and lacks_lcm_stage(model_args.init_from):
         logger.warning("--rollout lcm: none of the --init_from stages is an lcm stage; the 4-step rollout will be blurred")
     dataset = CaptionDataset(load_caption_table(args, with_images=False), args)

@@ -243,10 +243,10 @@ def holds_run(out: Path) -> bool:
     return any((out / name).exists() for name in ("config.json", "checkpoints", "final"))
 
 
-def check_output_dir(model_args: ModelArguments, args: TrainingArguments) -> Path | None:
-    """The checkpoint this run resumes (None: it starts fresh), or a `UserError` for an output folder
-    it must not use or a checkpoint it must not resume so. It only reads, so the stage scripts call
-    it before any model loads."""
+def check_output_dir(model_args: ModelArguments, args: TrainingArguments, stage: str) -> Path | None:
+    """The checkpoint this run of `stage` resumes (None: it starts fresh), or a `UserError` for an
+    output folder it must not use or a checkpoint it must not resume so (one of another stage among
+    them). It only reads, so the stage scripts call it before any model loads."""
     out = Path(args.output_dir)
     check_folder_path(str(out), "--output_dir")
     if args.resume_from is None:
@@ -275,6 +275,9 @@ def check_output_dir(model_args: ModelArguments, args: TrainingArguments) -> Pat
             raise UserError(
                 f"'{out}' holds another run than the one '{path}' belongs to; continue it in an empty --output_dir"
             )
+    saved_stage = (checkpoint_config(path) or {}).get("stage")
+    if saved_stage is not None and saved_stage != stage:
+        raise UserError(f"'{path}' is a checkpoint of a {saved_stage} run; this is a {stage} run")
     check_training_length(path, args)
     check_optimizer_settings(path, args)
     differences = resumed_differences(path, model_args, args)
@@ -377,10 +380,12 @@ def resumed_differences(checkpoint: Path, model_args: ModelArguments, args: Trai
     return {"refused": refused, "changed": changed}
 
 
-def prepare_output_dir(model_args: ModelArguments, args: TrainingArguments, accelerator: Accelerator) -> Path | None:
+def prepare_output_dir(
+    model_args: ModelArguments, args: TrainingArguments, accelerator: Accelerator, stage: str
+) -> Path | None:
     """`check_output_dir`, then make the folder ready (`--overwrite` clears an old run's outputs) and
     name the training flags a resume changes. Returns the checkpoint to resume."""
-    resume = check_output_dir(model_args, args)
+    resume = check_output_dir(model_args, args, stage)
     out = Path(args.output_dir)
     if resume is None and args.overwrite and holds_run(out) and accelerator.is_main_process:
         for name in ("checkpoints", "final", "validation", "logs", "config.json"):
@@ -891,7 +896,7 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
     Resumes from `--resume_from`, checkpoints every `--checkpointing_steps`, validates every
     `--validation_steps`, and writes `final/`. Returns the `final/` folder.
     """
-    resume = prepare_output_dir(model_args, args, accelerator)
+    resume = prepare_output_dir(model_args, args, accelerator, stage.name)
     params, optimizer, lr_scheduler = prepare_optimization(accelerator, args, stage)
     prepared_modules = list(stage.trainable.values())
     parts, stateful = stage.parts, stage.stateful

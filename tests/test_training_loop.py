@@ -34,8 +34,9 @@ class StopTraining(Exception):
     pass
 
 
-def tiny_loop(tmp_path, loss_fn, max_nonfinite_steps=5, module=None, table=None, grad_scaler=False, **overrides):
-    """Run the real loop on a small module and a caption-only dataset; returns the trained module.
+def tiny_loop(tmp_path, loss_fn, max_nonfinite_steps=5, module=None, table=None, grad_scaler=False, stage="test", **overrides):
+    """Run the real loop of a `stage` on a small module and a caption-only dataset; returns the
+    trained module.
 
     `grad_scaler`: give the accelerator the fp16 GradScaler it has on a GPU (on the CPU it has none).
     """
@@ -50,12 +51,11 @@ def tiny_loop(tmp_path, loss_fn, max_nonfinite_steps=5, module=None, table=None,
     unet = module if module is not None else nn.Linear(3, 3)
     no_text = SimpleNamespace(splitter=lambda: None)  # the loop asks the encoder only for its caption splitter
     parts = StageParts(unet=unet, vae=None, encoder=no_text, noise_scheduler=None, weight_dtype=torch.float32)
-    stage = Stage("test", parts, {"unet": parts.unet}, loss_fn)
     dataset = CaptionDataset(table, DataSettings(dataset="unused.jsonl"))
     accelerator = make_accelerator(args)
     if grad_scaler:
         accelerator.scaler = torch.amp.GradScaler("cpu")
-    run_training(ModelArguments(), args, accelerator, stage, dataset)
+    run_training(ModelArguments(), args, accelerator, Stage(stage, parts, {"unet": parts.unet}, loss_fn), dataset)
     return parts.unet
 
 
@@ -290,6 +290,8 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, no_final):
             tiny_loop(tmp_path, data_and_noise_loss, resume_from="latest", **({"max_train_steps": 4} | flags))
     with pytest.raises(UserError, match="does not match this run's trainable parameters"):
         tiny_loop(tmp_path, data_and_noise_loss, module=nn.Linear(3, 4), max_train_steps=4, resume_from="latest")
+    with pytest.raises(UserError, match="step_0000002' is a checkpoint of a test run; this is a reward run"):
+        tiny_loop(tmp_path, data_and_noise_loss, stage="reward", max_train_steps=4, resume_from="latest")
     checkpoint = tmp_path / "run" / "checkpoints" / "step_0000002"
     extra = checkpoint / "trainable_1.safetensors"  # as if that run had also trained an adapter
     extra.write_bytes((checkpoint / "trainable_0.safetensors").read_bytes())
