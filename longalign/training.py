@@ -277,7 +277,7 @@ def check_output_dir(model_args: ModelArguments, args: TrainingArguments, stage:
             )
     saved_stage = (checkpoint_config(path) or {}).get("stage")
     if saved_stage is not None and saved_stage != stage:
-        raise UserError(f"'{path}' is a checkpoint of a {saved_stage} run; this is a {stage} run")
+        raise UserError(f"'{path}' is a checkpoint of the {saved_stage} stage; this run trains {stage}")
     check_training_length(path, args)
     check_optimizer_settings(path, args)
     differences = resumed_differences(path, model_args, args)

@@ -290,7 +290,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, no_final):
             tiny_loop(tmp_path, data_and_noise_loss, resume_from="latest", **({"max_train_steps": 4} | flags))
     with pytest.raises(UserError, match="does not match this run's trainable parameters"):
         tiny_loop(tmp_path, data_and_noise_loss, module=nn.Linear(3, 4), max_train_steps=4, resume_from="latest")
-    with pytest.raises(UserError, match="step_0000002' is a checkpoint of a test run; this is a reward run"):
+    with pytest.raises(UserError, match="step_0000002' is a checkpoint of the test stage; this run trains reward"):
         tiny_loop(tmp_path, data_and_noise_loss, stage="reward", max_train_steps=4, resume_from="latest")
     checkpoint = tmp_path / "run" / "checkpoints" / "step_0000002"
     extra = checkpoint / "trainable_1.safetensors"  # as if that run had also trained an adapter
