@@ -20,6 +20,7 @@ stage=$1
 name=$2
 shift 2
 [ -n "$name" ] && [[ $name != -* ]] || usage
+[[ $name != */* ]] || { echo "RUN_NAME '$name' has a '/': runs/STAGE-RUN_NAME would be a folder inside another run" >&2; exit 2; }
 
 case "$stage" in
   align)      script=train_align.py;  chain=() ;;

@@ -276,13 +276,14 @@ class RewardArguments(TrainingArguments, RewardConfig):
 def parse_flags(dataclass_types: Sequence[type], argv: list[str] | None = None) -> tuple[Any, ...]:
     """`--flags` (argv, default sys.argv) -> one instance per dataclass, via `HfArgumentParser`.
 
-    An unknown flag is a `UserError` naming it (HfArgumentParser raises a bare ValueError); a value
-    of the wrong type is argparse's usage line and `error:` line, exit 2.
+    An unknown flag is a `UserError` naming it (HfArgumentParser raises a bare ValueError), and so
+    is a prefix of a flag (argparse would take `--learning 1e-4` for `--learning_rate`); a value of
+    the wrong type is argparse's usage line and `error:` line, exit 2.
     """
     from transformers import HfArgumentParser
 
     program = os.path.basename(sys.argv[0]) or "longalign"
-    parser = HfArgumentParser(list(dataclass_types), usage=f"{program} [--flags]")
+    parser = HfArgumentParser(list(dataclass_types), usage=f"{program} [--flags]", allow_abbrev=False)
     *parsed, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     if unknown:
         raise UserError(f"unknown flag(s) {' '.join(unknown)}; {program} --help lists the flags")

@@ -1022,4 +1022,7 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
     validate(accelerator, args, parts, stage.validation, state["global_step"])
     accelerator.wait_for_everyone()  # no rank tears the process group down while another still uses it
     accelerator.end_training()
+    if accelerator.is_main_process:
+        logger.info("%s done at step %d: %s holds the LoRA, its adapter and, in README.md, the command to sample it",
+                    stage.name, state["global_step"], final)  # fmt: skip
     return final

@@ -82,6 +82,7 @@ def test_chain_writes_final_artifacts(chain):
         aligned = cwd / "runs" / "align-tiny" / "final" / "adapter" / "diffusion_pytorch_model.safetensors"
         assert adapter.read_bytes() == aligned.read_bytes(), stage  # later stages: a copy of align's
         assert (cwd / "runs" / f"{stage}-tiny" / "validation" / "step_0000002.png").exists()
+        assert outputs[stage].count(f"{stage} done at step 2: runs/{stage}-tiny/final holds the LoRA") == 1, stage
         (checkpoint,) = checkpoint_dirs(cwd / "runs" / f"{stage}-tiny")
         assert checkpoint.name == "step_0000002"
         for name in ("pytorch_lora_weights.safetensors", "adapter/diffusion_pytorch_model.safetensors"):
@@ -286,8 +287,10 @@ def test_later_stages_on_two_processes(chain, tiny_models, dataset, stage):
     assert json.loads((out / "final" / "config.json").read_text())["num_processes"] == 2
 
 
-def test_run_unet_refuses_a_num_gpus_that_is_not_a_number(tmp_path):
+def test_run_unet_refuses_a_bad_num_gpus_or_run_name(tmp_path):
     result = run(["bash", str(ROOT / "run_unet.sh"), "align", "x"], tmp_path, env={"NUM_GPUS": "two"}, check=False)
     assert result.returncode == 2 and "NUM_GPUS must be a whole number (got 'two')" in result.stdout
     result = run(["bash", str(ROOT / "run_unet.sh"), "align", "x"], tmp_path, env={"ACCELERATE_CONFIG": "no.yaml"}, check=False)
     assert result.returncode == 2 and "ACCELERATE_CONFIG: no such file 'no.yaml'" in result.stdout
+    result = run(["bash", str(ROOT / "run_unet.sh"), "lcm", "x/y"], tmp_path, check=False)  # runs/lcm-x/y: inside lcm-x
+    assert result.returncode == 2 and "RUN_NAME 'x/y' has a '/'" in result.stdout

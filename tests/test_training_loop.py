@@ -141,6 +141,8 @@ def test_stage_arguments_are_checked():
         AlignArguments(loss="l1")
     with pytest.raises(UserError, match="unknown flag"):
         parse_stage_arguments(AlignArguments, ["--max_train_steps", "2", "--bogus", "1"])
+    with pytest.raises(UserError, match="unknown flag.*--learning 1e-4"):  # not taken for --learning_rate
+        parse_stage_arguments(AlignArguments, ["--learning", "1e-4"])
     assert parse_stage_arguments(AlignArguments, ["--max_train_steps", "2"])[1].max_train_steps == 2
     if importlib.util.find_spec("wandb") is None:  # accelerate would warn and log nothing
         with pytest.raises(UserError, match="wandb package"):
