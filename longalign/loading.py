@@ -26,7 +26,9 @@ class UserError(Exception):
 
 def cli_entry(main: Callable[..., T]) -> Callable[..., T]:
     """Wrap a command-line `main`: a `UserError`, or an `OSError` from the file system (a folder
-    that cannot be made, a full disk, no permission), prints `error: ...` on stderr and exits 2."""
+    that cannot be made, a full disk, no permission), prints `error: ...` on stderr and exits 2; a
+    Ctrl-C that the command does not handle itself (while models load, say) prints one line and
+    exits 130 (128 + SIGINT), as a training run stopped by Ctrl-C does."""
 
     @functools.wraps(main)
     def wrapped(*args: Any, **kwargs: Any) -> T:
@@ -35,6 +37,9 @@ def cli_entry(main: Callable[..., T]) -> Callable[..., T]:
         except (UserError, OSError) as error:
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted (Ctrl-C)", file=sys.stderr)
+            raise SystemExit(130) from None
 
     return wrapped
 

@@ -318,6 +318,19 @@ def test_regenerating_an_image_drops_its_old_sidecar_first(tmp_path, monkeypatch
     assert not os.path.exists(stem + ".json")  # so the image is redone, not trusted
 
 
+def test_ctrl_c_outside_the_training_steps_is_one_line_and_exit_130(capsys):
+    """Ctrl-C while models load (or while sampling) is one line, not a KeyboardInterrupt traceback."""
+    from longalign.loading import cli_entry
+
+    @cli_entry
+    def loading_models() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        loading_models()
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted (Ctrl-C)\n"
+
+
 def test_unreadable_prompt_file(tiny_models, tmp_path, capsys):
     expect_user_error([*model_flags(tiny_models), "--prompt_file", str(tmp_path / "missing.txt")], capsys, "missing.txt")
     binary = tmp_path / "binary.txt"
