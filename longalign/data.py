@@ -395,8 +395,8 @@ class LongCaptionImageDataset(Dataset):
         index = int(index)
         row = self.table[index]
         caption, relative_path = row["caption"], row["path"]
-        if not isinstance(caption, str) or not caption.strip():
-            return BadRow(index, "bad_caption", f"row {index}: caption {caption!r:.40}")
+        if not isinstance(caption, str) or not caption.strip():  # named by its image too (a folder's .txt)
+            return BadRow(index, "bad_caption", f"row {index} ({relative_path}): caption {caption!r:.40}")
         if not isinstance(relative_path, str) or not relative_path:
             return BadRow(index, "missing_image", f"row {index}: path {relative_path!r:.40}")
         path = os.path.join(self.image_root, relative_path)
@@ -550,7 +550,7 @@ class BadRowMonitor:
             if self.bad_counts.get("missing_image") or self.bad_counts.get("unreadable_image"):
                 hints.append(f"check --image_root ({self.image_root or 'the table folder'}) and the image files")
             if self.bad_counts.get("bad_caption"):
-                hints.append("check --caption_column")
+                hints.append("check --caption_column and the captions (a folder's .txt files: UTF-8 text)")
             raise UserError(
                 f"{self.summary()}, more than --max_bad_fraction {self.max_bad_fraction:g}; {' and '.join(hints)}"
             )

@@ -107,7 +107,7 @@ def test_image_folder_with_txt_captions(tmp_path):
         load_caption_table(settings_for(folder, tmp_path, split="test"))
     dataset = build_train_dataset(settings)
     red, bad, blue = dataset[0], dataset[1], dataset[2]
-    assert bad.reason == "bad_caption"
+    assert bad.reason == "bad_caption" and bad.detail == "row 1 (latin1.png): caption None"  # named by its file
     assert red["caption"] == "First paragraph.\n\nSecond paragraph."
     # pure red -> channel 0 at +1, the others at -1; JPEG blue within a small tolerance
     assert torch.allclose(red["pixel_values"][:, 16, 16], torch.tensor([1.0, -1.0, -1.0]))
