@@ -358,21 +358,24 @@ def resumed_differences(checkpoint: Path, model_args: ModelArguments, args: Trai
     """This run against the checkpoint's `config.json` (else its run's), as `--flag value (...)`
     lines: "refused" (other models, earlier stages or encoder settings, on which the checkpoint's
     LoRA was trained, an earlier stage whose content changed at its path since, or a `FIXED_FLAGS`
-    flag) and "changed" (other training flags, which apply from the resume on). Both empty without
-    such a file."""
+    flag) and "changed" (other training flags, which apply from the resume on, and a model path
+    other than one recorded where nothing is now: a moved model). Both empty without such a file."""
     saved = checkpoint_config(checkpoint)
     try:
         saved_model, saved_training = dict(saved["model"]), dict(saved["training"])
     except (KeyError, TypeError, ValueError):
         return {"refused": [], "changed": []}
-    refused = model_args.encoding_differences(saved_model, (*ModelArguments.ENCODING, "adapter", "init_from"))
+    # A model no longer at its recorded path (a moved cache, a hub id now downloaded) is taken as moved.
+    moved = [name for name in ("pretrained_model", "t5_model") if not os.path.exists(os.path.expanduser(str(saved_model.get(name))))]
+    kept = [name for name in (*ModelArguments.ENCODING, "adapter", "init_from") if name not in moved]
+    refused = model_args.encoding_differences(saved_model, kept)
+    changed = [f"{line}, as the recorded one is not there now" for line in model_args.encoding_differences(saved_model, moved)]
     if not refused:  # the same --init_from paths: the same stages?
         then = (saved.get("checkpoint_sha256") or {}).get("init_from") or []  # absent: an older run
         for source, digest in zip(model_args.init_from, then):
             now = content_digest(local_path(source, "LoRA"))
             if now != digest:
                 refused.append(f"--init_from {source} as it was then (sha256 {digest}; it is {now} now: changed since)")
-    changed = []
     for name, value in asdict(args).items():
         if name in RESUMABLE_FLAGS or name not in saved_training or same_setting(saved_training[name], value):
             continue

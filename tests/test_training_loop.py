@@ -682,8 +682,9 @@ def test_the_output_folder_is_checked_before_anything_loads(tmp_path, capsys, no
 
 def test_a_resume_on_other_models_is_refused_and_changed_flags_are_named(tmp_path, no_final):
     """The checkpoint's LoRA was trained on its run's models and earlier stages: resuming it on other
-    ones, or with another data order or LoRA rank, is refused. Other training flags apply from the
-    resume on, and a warning names them."""
+    ones (an earlier stage changed at its path included), or with another data order or LoRA rank,
+    is refused. Other training flags apply from the resume on, and a warning names them, as it
+    names a model path whose recorded one is gone (moved)."""
     from longalign.pipeline import source_digests
     from longalign.training import resumed_differences
 
@@ -697,6 +698,10 @@ def test_a_resume_on_other_models_is_refused_and_changed_flags_are_named(tmp_pat
     assert refused == ["--init_from [] (this run: ['runs/lcm-x/final'])"]
     assert resumed_differences(checkpoint, ModelArguments(token_length=120), args)["refused"][0].startswith("--token_length 240")
     assert resumed_differences(checkpoint, ModelArguments(), args) == {"refused": [], "changed": []}  # only a longer run
+    moved = resumed_differences(checkpoint, ModelArguments(pretrained_model=str(tmp_path)), args)  # the hub id, downloaded
+    assert moved == {"refused": [], "changed": [
+        f"--pretrained_model stable-diffusion-v1-5/stable-diffusion-v1-5 (this run: {tmp_path}), as the recorded one is not there now"
+    ]}  # fmt: skip
     args.dataset = "moved/unused.jsonl"  # data that moved, or other data with as many rows: said, not refused
     assert resumed_differences(checkpoint, ModelArguments(), args)["changed"] == ["--dataset unused.jsonl (this run: moved/unused.jsonl)"]
     args.dataset = "unused.jsonl"
@@ -714,12 +719,17 @@ def test_a_resume_on_other_models_is_refused_and_changed_flags_are_named(tmp_pat
     run_config = tmp_path / "run" / "config.json"  # the checkpoint's, as it has none of its own
     config = json.loads(run_config.read_text())
     config["model"]["init_from"], config["checkpoint_sha256"] = [str(align)], source_digests([str(align)], None)
+    config["model"]["pretrained_model"] = str(align)  # a model folder that is still there: another one is refused
     run_config.write_text(json.dumps(config))
     args.caption_dropout, args.seed, args.gradient_accumulation_steps, args.split = 0.1, 0, 1, "train"
-    assert resumed_differences(checkpoint, ModelArguments(init_from=[str(align)]), args) == {"refused": [], "changed": []}
+    refused = resumed_differences(checkpoint, ModelArguments(pretrained_model=str(tmp_path), init_from=[str(align)]), args)["refused"]
+    assert refused == [f"--pretrained_model {align} (this run: {tmp_path})"]
+    assert resumed_differences(checkpoint, ModelArguments(pretrained_model=str(align), init_from=[str(align)]), args) == {
+        "refused": [], "changed": []
+    }  # fmt: skip
     (align / "pytorch_lora_weights.safetensors").write_bytes(b"align at step 4")
     then, now = config["checkpoint_sha256"]["init_from"][0], source_digests([str(align)], None)["init_from"][0]
-    assert resumed_differences(checkpoint, ModelArguments(init_from=[str(align)]), args)["refused"] == [
+    assert resumed_differences(checkpoint, ModelArguments(pretrained_model=str(align), init_from=[str(align)]), args)["refused"] == [
         f"--init_from {align} as it was then (sha256 {then}; it is {now} now: changed since)"
     ]
 
