@@ -354,6 +354,15 @@ def checkpoint_config(checkpoint: Path) -> dict | None:
     return config if isinstance(config, dict) else None
 
 
+def _moved(recorded: str, now: str) -> bool:
+    """Whether a model recorded at `recorded` may be the one at `now`: nothing is at `recorded` any
+    more and it was a local path (a moved folder), or it is a hub id and `now` a local folder (the
+    hub id since downloaded). Two hub ids, or two existing folders, are other models."""
+    if os.path.exists(os.path.expanduser(recorded)):
+        return False
+    return recorded.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(now))
+
+
 def resumed_differences(checkpoint: Path, model_args: ModelArguments, args: TrainingArguments) -> dict[str, list[str]]:
     """This run against the checkpoint's `config.json` (else its run's), as `--flag value (...)`
     lines: "refused" (other models, earlier stages or encoder settings, on which the checkpoint's
@@ -365,8 +374,7 @@ def resumed_differences(checkpoint: Path, model_args: ModelArguments, args: Trai
         saved_model, saved_training = dict(saved["model"]), dict(saved["training"])
     except (KeyError, TypeError, ValueError):
         return {"refused": [], "changed": []}
-    # A model no longer at its recorded path (a moved cache, a hub id now downloaded) is taken as moved.
-    moved = [name for name in ("pretrained_model", "t5_model") if not os.path.exists(os.path.expanduser(str(saved_model.get(name))))]
+    moved = [name for name in ("pretrained_model", "t5_model") if _moved(str(saved_model.get(name)), getattr(model_args, name))]
     kept = [name for name in (*ModelArguments.ENCODING, "adapter", "init_from") if name not in moved]
     refused = model_args.encoding_differences(saved_model, kept)
     changed = [f"{line}, as the recorded one is not there now" for line in model_args.encoding_differences(saved_model, moved)]

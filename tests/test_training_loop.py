@@ -702,6 +702,8 @@ def test_a_resume_on_other_models_is_refused_and_changed_flags_are_named(tmp_pat
     assert moved == {"refused": [], "changed": [
         f"--pretrained_model stable-diffusion-v1-5/stable-diffusion-v1-5 (this run: {tmp_path}), as the recorded one is not there now"
     ]}  # fmt: skip
+    other_hub_model = ModelArguments(pretrained_model="stabilityai/stable-diffusion-2-1")  # two hub ids: another model
+    assert resumed_differences(checkpoint, other_hub_model, args)["refused"][0].startswith("--pretrained_model stable-diffusion-v1-5/")
     args.dataset = "moved/unused.jsonl"  # data that moved, or other data with as many rows: said, not refused
     assert resumed_differences(checkpoint, ModelArguments(), args)["changed"] == ["--dataset unused.jsonl (this run: moved/unused.jsonl)"]
     args.dataset = "unused.jsonl"
