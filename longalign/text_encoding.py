@@ -162,7 +162,11 @@ def content_window(tokenizer) -> int:
 # ------------------------------------------------------------------------------ the report
 @dataclass
 class PromptReport:
-    """What happened to one prompt: segments, CLIP content tokens, what was kept and dropped."""
+    """What happened to one prompt: segments, CLIP content tokens, what was kept and dropped.
+
+    `cut_segment` is the 0-based index of the segment the `token_length` cut fell in (None: no
+    cut), and `cut_text` its first 60 characters; the warning counts segments from 1.
+    """
 
     segments: int
     content_tokens: int
