@@ -25,6 +25,7 @@ from longalign.loading import cli_entry
 from longalign.pipeline import lacks_lcm_stage
 from longalign.reward import DecomposedReward
 from longalign.training import (
+    DTYPES,
     Stage,
     StageParts,
     ValidationSettings,
@@ -66,8 +67,11 @@ def reward_loss(
 def build_stage(model_args: ModelArguments, args: RewardArguments, accelerator) -> Stage:
     """The fused UNet with a new LoRA (`reward` or `reward_lcm`, by `--rollout`) and the scorer."""
     name = STAGES[args.rollout]
+    # the scorer first: a preference model that cannot be loaded fails before the diffusion models load
+    reward = DecomposedReward(
+        args, accelerator, device=accelerator.device, dtype=DTYPES[args.mixed_precision], segmenter=model_args.segmenter
+    )
     parts = load_stage_parts(model_args, args, accelerator, lora_name=name)
-    reward = DecomposedReward(args, accelerator, device=accelerator.device, dtype=parts.weight_dtype, segmenter=model_args.segmenter)
     loss_fn = functools.partial(reward_loss, args=args, reward=reward, settings=args.rollout_settings())
     validation = ValidationSettings(sampler="unipc" if args.rollout == "ddim_cfg" else "lcm")
     return Stage(name, parts, {"unet": parts.unet}, loss_fn, validation, stateful={"common_direction": reward.direction})

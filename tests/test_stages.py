@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import train_align
 import train_lcm
+import train_reward
 from _two_processes import two_cpu_processes
 from longalign.data import write_tiny_dataset
 from longalign.pipeline import source_digests
@@ -219,6 +220,12 @@ def test_training_on_the_released_weights_warns_about_the_segmenter(tmp_path, ti
         caplog.clear()
         expect_user_error([*lcm, *released, "--segmenter", "legacy"], capsys, "luping-liu/LongSD", main=train_lcm.main)
         assert "trained on prompts split" not in caplog.text
+
+
+def test_reward_stage_checks_its_preference_model_before_the_diffusion_models(tmp_path, tiny_models, dataset, capsys):
+    """A missing --reward_model fails in seconds, not after SD, T5 and the adapter have loaded."""
+    flags = [*common_flags(tiny_models, dataset), "--output_dir", str(tmp_path / "reward"), "--init_from", str(tmp_path / "no_align")]
+    expect_user_error([*flags, "--reward_model", str(tmp_path / "no_scorer")], capsys, "no_scorer", main=train_reward.main)
 
 
 @pytest.mark.parametrize("script", ["train_align", "train_lcm", "train_reward", "sample"])
