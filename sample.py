@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         "width": args.width,
         "dtype": str(dtype).replace("torch.", ""),
         "checkpoints": checkpoints,
-        "checkpoint_sha256": digests,  # a stage retrained at the same path is another checkpoint
+        "weights_sha256": digests,  # a stage retrained at the same path is another checkpoint
         "encoder": {"mode": model_args.encoder_mode, "segmenter": model_args.segmenter, "token_length": model_args.token_length},
     }
     settings = json.loads(json.dumps(settings))

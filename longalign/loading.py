@@ -44,6 +44,11 @@ def cli_entry(main: Callable[..., T]) -> Callable[..., T]:
     return wrapped
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether `name` is shaped like a hub path (`org/repo[/inner]`, not `./`, `/` or `~`-led)."""
+    return not str(name).startswith((".", "/", "~")) and _HUB_ID.fullmatch(str(name)) is not None
+
+
 def resolve_source(name: str, what: str) -> str:
     """Return `name` as an existing local path, or as a hub id (`org/repo`) to be fetched.
 
@@ -52,7 +57,7 @@ def resolve_source(name: str, what: str) -> str:
     path = os.path.expanduser(str(name))
     if os.path.exists(path):
         return path
-    if str(name).startswith((".", "/", "~")) or not _HUB_ID.fullmatch(str(name)):
+    if not is_hub_id(name):
         raise UserError(f"{what} not found: '{name}' is not an existing file or folder")
     return str(name)
 

@@ -7,6 +7,7 @@ diffusers' own. This is the one generation path: `sample.py` and training valida
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import torch
 from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionPipeline, UNet2DConditionModel, UniPCMultistepScheduler
 
 from .loading import UserError, content_digest, load_pretrained, local_path
-from .lora import LEGACY_SUFFIXES
+from .lora import LEGACY_SUFFIXES, LORA_WEIGHT_NAME
 from .text_encoding import SD15, T5_LARGE, LongPromptEncoder, PromptReport
 
 if TYPE_CHECKING:
@@ -87,12 +88,22 @@ def resolve_sources(
     return loras, adapter, checkpoints
 
 
+def weights_digest(source: str) -> str:
+    """`content_digest` of the weights a local `--init_from` source brings: the file itself, or a
+    stage folder's LoRA file and `adapter/`, not its `config.json` or model card (a run resumed at
+    its last step rewrites those and no weight)."""
+    if not os.path.isdir(source):
+        return content_digest(source)
+    parts = [os.path.join(source, name) for name in (LORA_WEIGHT_NAME, "adapter") if os.path.exists(os.path.join(source, name))]
+    return hashlib.sha256(" ".join(content_digest(part) for part in parts).encode()).hexdigest()[:16]
+
+
 def source_digests(loras: Sequence[str], adapter: str | None) -> dict:
-    """`content_digest` of the adapter folder (None without one) and of each local `--init_from`
-    source (a stage folder as a whole): recorded in sample.py's sidecars and in each stage's
-    `config.json` as `checkpoint_sha256`, so a stage retrained at the same path is told apart from
-    the one that was used."""
-    return {"adapter": content_digest(adapter) if adapter else None, "init_from": [content_digest(lora) for lora in loras]}
+    """`weights_digest` of each local `--init_from` source and `content_digest` of the adapter folder
+    (None without one), recorded as `weights_sha256` in sample.py's sidecars and in each stage's
+    `config.json`, so a stage retrained or trained further at the same path is told apart from the
+    one that was used."""
+    return {"adapter": content_digest(adapter) if adapter else None, "init_from": [weights_digest(lora) for lora in loras]}
 
 
 def stage_config(source: str) -> dict | None:
@@ -147,11 +158,12 @@ def stack_warnings(model_args: ModelArguments, loras: Sequence[str], adapter: st
                 f"{source} was trained on top of {', '.join(map(str, below))}, but --init_from puts {index} stage(s) before it"
             )
             continue
-        then = (config.get("checkpoint_sha256") or {}).get("init_from")  # absent: written before it was recorded
-        now = digests["init_from"][index - len(below) : index]
-        changed = [str(lora) for lora, a, b in zip(loras[index - len(below) : index], then or [], now) if a != b]
-        if then is not None and changed:
-            found.append(f"{source} was trained on top of another version of {', '.join(changed)} (changed since)")
+        then = (config.get("weights_sha256") or {}).get("init_from") or []  # absent: written before it was recorded
+        missing = [f"{path} (sha256 {digest})" for path, digest in zip(below, then) if digest not in digests["init_from"][:index]]
+        if missing:  # by content, wherever it sits in the stack
+            found.append(
+                f"{source} was trained on top of {', '.join(missing)}, which no stage before it holds: changed since, or left out"
+            )
     carried = [os.path.join(source, "adapter") for source in loras if os.path.isdir(os.path.join(source, "adapter"))]
     if model_args.adapter is not None and adapter and carried and content_digest(adapter) != content_digest(carried[-1]):
         found.append(f"--adapter {model_args.adapter} replaces {carried[-1]}, the adapter that stage was trained with")

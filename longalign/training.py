@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .config import ModelArguments, TrainingArguments, parse_flags, same_setting
 from .data import STOP_SIGNALS, BadRowMonitor, ResumableSampler, closing_workers, make_dataloader
-from .loading import UserError, check_folder_path, content_digest, load_pretrained, local_path
+from .loading import UserError, check_folder_path, content_digest, is_hub_id, load_pretrained, local_path
 from .lora import LoraSettings, add_lora, fuse_stage_loras, save_lora
 from .pipeline import (
     LongPromptPipeline,
@@ -48,6 +48,8 @@ from .pipeline import (
     resolve_sources,
     source_digests,
     stack_warnings,
+    stage_config,
+    weights_digest,
 )
 from .text_encoding import LongPromptEncoder
 
@@ -95,7 +97,7 @@ class StageParts:
     noise_scheduler: DDPMScheduler
     weight_dtype: torch.dtype
     adapter_source: str | None = None  # the local adapter folder the encoder loaded (None in clip mode)
-    checkpoint_sha256: dict | None = None  # `source_digests` of that adapter and the --init_from stages
+    weights_sha256: dict | None = None  # `source_digests` of that adapter and the --init_from stages
 
 
 LossFn = Callable[[StageParts, dict, torch.Generator], "tuple[torch.Tensor, dict[str, float]]"]
@@ -185,7 +187,7 @@ def load_stage_parts(
     add_lora(unet, lora_name, LoraSettings(rank=args.lora_rank, dropout=args.lora_dropout))
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    return StageParts(unet, vae, encoder, noise_scheduler, weight_dtype, adapter_source=adapter, checkpoint_sha256=digests)
+    return StageParts(unet, vae, encoder, noise_scheduler, weight_dtype, adapter_source=adapter, weights_sha256=digests)
 
 
 def encode_images(vae: AutoencoderKL, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -345,13 +347,8 @@ FIXED_FLAGS = frozenset({"seed", "split", "max_rows", "lora_rank", "train_adapte
 
 
 def checkpoint_config(checkpoint: Path) -> dict | None:
-    """The `config.json` a checkpoint was saved with (its own, else its run's), or None when neither reads."""
-    own = checkpoint / "config.json"
-    try:
-        config = json.loads((own if own.exists() else checkpoint.parent.parent / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return config if isinstance(config, dict) else None
+    """The `config.json` a checkpoint was saved with (its own, else its run's), or None when it does not read."""
+    return stage_config(str(checkpoint if (checkpoint / "config.json").exists() else checkpoint.parent.parent))
 
 
 def _moved(recorded: str, now: str) -> bool:
@@ -360,7 +357,7 @@ def _moved(recorded: str, now: str) -> bool:
     hub id since downloaded). Two hub ids, or two existing folders, are other models."""
     if os.path.exists(os.path.expanduser(recorded)):
         return False
-    return recorded.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(now))
+    return not is_hub_id(recorded) or os.path.exists(os.path.expanduser(now))
 
 
 def resumed_differences(checkpoint: Path, model_args: ModelArguments, args: TrainingArguments) -> dict[str, list[str]]:
@@ -378,12 +375,16 @@ def resumed_differences(checkpoint: Path, model_args: ModelArguments, args: Trai
     kept = [name for name in (*ModelArguments.ENCODING, "adapter", "init_from") if name not in moved]
     refused = model_args.encoding_differences(saved_model, kept)
     changed = [f"{line}, as the recorded one is not there now" for line in model_args.encoding_differences(saved_model, moved)]
-    if not refused:  # the same --init_from paths: the same stages?
-        then = (saved.get("checkpoint_sha256") or {}).get("init_from") or []  # absent: an older run
-        for source, digest in zip(model_args.init_from, then):
-            now = content_digest(local_path(source, "LoRA"))
+    if not refused:  # the same paths: the same weights? (a frozen --adapter too; align trains its own)
+        recorded = saved.get("weights_sha256") or {}  # absent: an older run
+        named = [("--init_from", source, digest) for source, digest in zip(model_args.init_from, recorded.get("init_from") or [])]
+        if model_args.adapter and recorded.get("adapter") and not saved_training.get("train_adapter"):
+            named.append(("--adapter", model_args.adapter, recorded["adapter"]))
+        for flag, source, digest in named:
+            local = local_path(source, "LoRA" if flag == "--init_from" else "adapter")
+            now = weights_digest(local) if flag == "--init_from" else content_digest(local)
             if now != digest:
-                refused.append(f"--init_from {source} as it was then (sha256 {digest}; it is {now} now: changed since)")
+                refused.append(f"{flag} {source} as it was then (sha256 {digest}; it is {now} now: changed since)")
     for name, value in asdict(args).items():
         if name in RESUMABLE_FLAGS or name not in saved_training or same_setting(saved_training[name], value):
             continue
@@ -685,7 +686,7 @@ def resolved_config(
     stage: str, model_args: ModelArguments, args: TrainingArguments, accelerator: Accelerator, parts: StageParts
 ) -> dict:
     """Everything this run was configured with, as JSON, and what it was built on: the local
-    adapter folder and `checkpoint_sha256`, the content digests of that adapter and of the
+    adapter folder and `weights_sha256`, the content digests of that adapter and of the
     `--init_from` stages (a resume or a later stack refuses or names a stage changed since)."""
     return {
         "stage": stage,
@@ -693,7 +694,7 @@ def resolved_config(
         "training": asdict(args),
         "num_processes": accelerator.num_processes,
         "adapter_source": parts.adapter_source,
-        "checkpoint_sha256": parts.checkpoint_sha256,
+        "weights_sha256": parts.weights_sha256,
     }
 
 

@@ -133,6 +133,7 @@ def test_a_stack_unlike_the_one_its_stages_were_trained_in_is_named(tmp_path):
     other = tmp_path / "other_adapter"
     other.mkdir()
     (other / "adapter.safetensors").write_bytes(b"another adapter")
+
     def warnings(model_args, loras, adapter):
         return stack_warnings(model_args, loras, adapter, source_digests(loras, adapter))
 
@@ -144,13 +145,24 @@ def test_a_stack_unlike_the_one_its_stages_were_trained_in_is_named(tmp_path):
     assert warnings(ModelArguments(adapter=str(other)), [str(align), str(reward)], str(other)) == [
         f"--adapter {other} replaces {reward / 'adapter'}, the adapter that stage was trained with"
     ]
-    # The reward stage records the align folder it was trained on; align trained further since:
-    recorded = {"stage": "reward", "model": {"init_from": ["runs/align-x/final"]}, "checkpoint_sha256": source_digests([str(align)], None)}
-    (reward / "config.json").write_text(json.dumps(recorded))
+    # Each stage records, by content, the stages it was trained on: reward and lcm both on align.
+    (align / "pytorch_lora_weights.safetensors").write_bytes(b"align at step 2")
+    lcm = tmp_path / "lcm" / "final"
+    lcm.mkdir(parents=True)
+    (lcm / "pytorch_lora_weights.safetensors").write_bytes(b"lcm")
+    for folder, stage in ((reward, "reward"), (lcm, "lcm")):
+        recorded = {"stage": stage, "model": {"init_from": ["runs/align-x/final"]}, "weights_sha256": source_digests([str(align)], None)}
+        (folder / "config.json").write_text(json.dumps(recorded))
+    for stack in ([align, reward], [align, lcm, reward], [align, reward, lcm]):  # wherever align sits before them
+        assert warnings(ModelArguments(), [str(folder) for folder in stack], str(reward / "adapter")) == [], stack
+    (align / "config.json").write_text(json.dumps({"stage": "align", "model": {"init_from": []}, "resumed": True}))
+    (align / "README.md").write_text("a model card rewritten by a resume at the last step: no weight changed")
     assert warnings(ModelArguments(), [str(align), str(reward)], str(reward / "adapter")) == []
-    (align / "pytorch_lora_weights.safetensors").write_bytes(b"align after more steps")
+    (align / "pytorch_lora_weights.safetensors").write_bytes(b"align after more steps")  # trained further since
+    then = recorded["weights_sha256"]["init_from"][0]
     assert warnings(ModelArguments(), [str(align), str(reward)], str(reward / "adapter")) == [
-        f"{reward} was trained on top of another version of {align} (changed since)"
+        f"{reward} was trained on top of runs/align-x/final (sha256 {then}), which no stage before it holds: "
+        "changed since, or left out"
     ]
 
 
@@ -198,8 +210,9 @@ def test_rerun_resumes_and_batching_keeps_each_seed(tiny_models, tmp_path, capsy
 
 
 def test_a_stage_retrained_at_the_same_path_is_not_taken_for_the_old_one(tiny_models, loras, tmp_path, capsys):
-    """Sidecars record what the checkpoints held, not only where they were: images of a stage that
-    was trained again into the same folder are not skipped as already made."""
+    """Sidecars record the weights the checkpoints held, not only where they were: images of a stage
+    that was trained again into the same folder are not skipped as already made (and a rewritten
+    model card alone changes nothing)."""
     from safetensors.torch import load_file, save_file
 
     stage = tmp_path / "align"
@@ -207,12 +220,14 @@ def test_a_stage_retrained_at_the_same_path_is_not_taken_for_the_old_one(tiny_mo
     argv = [*small(tiny_models, stage), "--steps", "1", "--out", str(tmp_path / "out")]
     run_sample(argv, tmp_path, capsys)
     assert "already in" in run_sample(argv, tmp_path, capsys)  # the same files: skipped
+    (stage / "README.md").write_text("a model card a resumed run rewrote; the weights are the same")
+    assert "already in" in run_sample(argv, tmp_path, capsys)  # the same weights: still skipped
     weights = stage / "pytorch_lora_weights.safetensors"
     save_file({name: 2 * tensor for name, tensor in load_file(weights).items()}, weights)
-    expect_user_error(argv, capsys, "checkpoint_sha256", "--overwrite")
+    expect_user_error(argv, capsys, "weights_sha256", "--overwrite")
     sidecar = tmp_path / "out" / "0000_00.json"  # as sample.py wrote it before sidecars had the key
-    sidecar.write_text(json.dumps({k: v for k, v in json.loads(sidecar.read_text()).items() if k != "checkpoint_sha256"}))
-    expect_user_error(argv, capsys, "records no checkpoint_sha256 (an older sample.py wrote it)", "--overwrite")
+    sidecar.write_text(json.dumps({k: v for k, v in json.loads(sidecar.read_text()).items() if k != "weights_sha256"}))
+    expect_user_error(argv, capsys, "records no weights_sha256 (an older sample.py wrote it)", "--overwrite")
 
 
 # -------------------------------------------------------------------------------- bad input

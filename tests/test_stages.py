@@ -94,7 +94,7 @@ def test_chain_writes_final_artifacts(chain):
     assert lcm_config["model"]["init_from"] == ["runs/align-tiny/final"]
     assert lcm_config["adapter_source"] == "runs/align-tiny/final/adapter"
     align_final = str(cwd / "runs" / "align-tiny" / "final")  # what lcm was trained on, by content
-    assert lcm_config["checkpoint_sha256"] == source_digests([align_final], os.path.join(align_final, "adapter"))
+    assert lcm_config["weights_sha256"] == source_digests([align_final], os.path.join(align_final, "adapter"))
     reward_lcm = json.loads((cwd / "runs" / "reward_lcm-tiny" / "final" / "config.json").read_text())
     assert reward_lcm["model"]["init_from"] == ["runs/align-tiny/final", "runs/lcm-tiny/final"]
     assert reward_lcm["training"]["rollout"] == "lcm" and reward_lcm["training"]["gradient_accumulation_steps"] == 2

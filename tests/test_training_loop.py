@@ -682,10 +682,8 @@ def test_the_output_folder_is_checked_before_anything_loads(tmp_path, capsys, no
 
 def test_a_resume_on_other_models_is_refused_and_changed_flags_are_named(tmp_path, no_final):
     """The checkpoint's LoRA was trained on its run's models and earlier stages: resuming it on other
-    ones (an earlier stage changed at its path included), or with another data order or LoRA rank,
-    is refused. Other training flags apply from the resume on, and a warning names them, as it
-    names a model path whose recorded one is gone (moved)."""
-    from longalign.pipeline import source_digests
+    ones, or with another data order or LoRA rank, is refused. Other training flags apply from the
+    resume on, and a warning names them."""
     from longalign.training import resumed_differences
 
     tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=2, checkpointing_steps=2)
@@ -698,12 +696,6 @@ def test_a_resume_on_other_models_is_refused_and_changed_flags_are_named(tmp_pat
     assert refused == ["--init_from [] (this run: ['runs/lcm-x/final'])"]
     assert resumed_differences(checkpoint, ModelArguments(token_length=120), args)["refused"][0].startswith("--token_length 240")
     assert resumed_differences(checkpoint, ModelArguments(), args) == {"refused": [], "changed": []}  # only a longer run
-    moved = resumed_differences(checkpoint, ModelArguments(pretrained_model=str(tmp_path)), args)  # the hub id, downloaded
-    assert moved == {"refused": [], "changed": [
-        f"--pretrained_model stable-diffusion-v1-5/stable-diffusion-v1-5 (this run: {tmp_path}), as the recorded one is not there now"
-    ]}  # fmt: skip
-    other_hub_model = ModelArguments(pretrained_model="stabilityai/stable-diffusion-2-1")  # two hub ids: another model
-    assert resumed_differences(checkpoint, other_hub_model, args)["refused"][0].startswith("--pretrained_model stable-diffusion-v1-5/")
     args.dataset = "moved/unused.jsonl"  # data that moved, or other data with as many rows: said, not refused
     assert resumed_differences(checkpoint, ModelArguments(), args)["changed"] == ["--dataset unused.jsonl (this run: moved/unused.jsonl)"]
     args.dataset = "unused.jsonl"
@@ -714,25 +706,62 @@ def test_a_resume_on_other_models_is_refused_and_changed_flags_are_named(tmp_pat
     }  # fmt: skip
     with pytest.raises(UserError, match="was trained with --seed 0 \\(this run: 1\\)"):
         tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=4, resume_from="latest", seed=1)
-    # An earlier stage trained further (or retrained) at the same path since: refused by content.
-    align = tmp_path / "align_final"
-    align.mkdir()
+
+
+def test_a_resume_checks_earlier_stages_by_their_weights_and_takes_a_gone_model_as_moved(tmp_path, no_final):
+    """An earlier stage (or a frozen --adapter) trained further or retrained at the same path since
+    is refused by content; a rewritten config.json or model card is no change. A model path other
+    than the recorded one is named, not refused, when nothing is at the recorded path now."""
+    from longalign.pipeline import source_digests
+    from longalign.training import resumed_differences
+
+    tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=2, checkpointing_steps=2)
+    (checkpoint,) = checkpoint_dirs(str(tmp_path / "run"))
+    args = AlignArguments(output_dir=str(tmp_path / "run"), dataset="unused.jsonl", max_train_steps=10, validation_prompts=[], **{
+        "train_batch_size": 2, "gradient_accumulation_steps": 1, "mixed_precision": "no", "report_to": "none",
+        "dataloader_num_workers": 0, "cpu": True, "max_nonfinite_steps": 5,
+    })  # fmt: skip
+    moved = resumed_differences(checkpoint, ModelArguments(pretrained_model=str(tmp_path)), args)  # the hub id, downloaded
+    assert moved == {"refused": [], "changed": [
+        f"--pretrained_model stable-diffusion-v1-5/stable-diffusion-v1-5 (this run: {tmp_path}), as the recorded one is not there now"
+    ]}  # fmt: skip
+    other_hub_model = ModelArguments(pretrained_model="stabilityai/stable-diffusion-2-1")  # two hub ids: another model
+    assert resumed_differences(checkpoint, other_hub_model, args)["refused"][0].startswith("--pretrained_model stable-diffusion-v1-5/")
+
+    align, adapter = tmp_path / "align_final", tmp_path / "adapter"
+    (align / "adapter").mkdir(parents=True)
+    adapter.mkdir()
     (align / "pytorch_lora_weights.safetensors").write_bytes(b"align at step 2")
+    (adapter / "diffusion_pytorch_model.safetensors").write_bytes(b"a frozen adapter")
     run_config = tmp_path / "run" / "config.json"  # the checkpoint's, as it has none of its own
     config = json.loads(run_config.read_text())
-    config["model"]["init_from"], config["checkpoint_sha256"] = [str(align)], source_digests([str(align)], None)
-    config["model"]["pretrained_model"] = str(align)  # a model folder that is still there: another one is refused
+    config["model"] |= {"init_from": [str(align)], "adapter": str(adapter), "pretrained_model": str(align)}
+    config["weights_sha256"] = source_digests([str(align)], str(adapter))
+    config["training"]["train_adapter"] = args.train_adapter = False  # a frozen adapter, as in the later stages
     run_config.write_text(json.dumps(config))
-    args.caption_dropout, args.seed, args.gradient_accumulation_steps, args.split = 0.1, 0, 1, "train"
-    refused = resumed_differences(checkpoint, ModelArguments(pretrained_model=str(tmp_path), init_from=[str(align)]), args)["refused"]
-    assert refused == [f"--pretrained_model {align} (this run: {tmp_path})"]
-    assert resumed_differences(checkpoint, ModelArguments(pretrained_model=str(align), init_from=[str(align)]), args) == {
-        "refused": [], "changed": []
-    }  # fmt: skip
+    same = ModelArguments(pretrained_model=str(align), init_from=[str(align)], adapter=str(adapter))
+    assert resumed_differences(checkpoint, same, args) == {"refused": [], "changed": []}
+    (align / "config.json").write_text('{"stage": "align", "rewritten": "by a resume at its last step"}')
+    (align / "README.md").write_text("model card")
+    assert resumed_differences(checkpoint, same, args) == {"refused": [], "changed": []}  # no weight changed
+    (tmp_path / "gone").mkdir()  # a model folder recorded, then moved away: named, not refused
+    config["model"]["pretrained_model"] = str(tmp_path / "gone")
+    run_config.write_text(json.dumps(config))
+    (tmp_path / "gone").rmdir()
+    assert resumed_differences(checkpoint, same, args)["changed"] == [
+        f"--pretrained_model {tmp_path / 'gone'} (this run: {align}), as the recorded one is not there now"
+    ]
+    config["model"]["pretrained_model"] = str(tmp_path)  # a model folder that is still there: another one is refused
+    run_config.write_text(json.dumps(config))
+    assert resumed_differences(checkpoint, same, args)["refused"] == [f"--pretrained_model {tmp_path} (this run: {align})"]
+    same.pretrained_model = str(tmp_path)
+    (adapter / "diffusion_pytorch_model.safetensors").write_bytes(b"the adapter retrained")
     (align / "pytorch_lora_weights.safetensors").write_bytes(b"align at step 4")
-    then, now = config["checkpoint_sha256"]["init_from"][0], source_digests([str(align)], None)["init_from"][0]
-    assert resumed_differences(checkpoint, ModelArguments(pretrained_model=str(align), init_from=[str(align)]), args)["refused"] == [
-        f"--init_from {align} as it was then (sha256 {then}; it is {now} now: changed since)"
+    digests = source_digests([str(align)], str(adapter))
+    then = config["weights_sha256"]
+    assert resumed_differences(checkpoint, same, args)["refused"] == [
+        f"--init_from {align} as it was then (sha256 {then['init_from'][0]}; it is {digests['init_from'][0]} now: changed since)",
+        f"--adapter {adapter} as it was then (sha256 {then['adapter']}; it is {digests['adapter']} now: changed since)",
     ]
 
 
