@@ -7,6 +7,7 @@ diffusers' own. This is the one generation path: `sample.py` and training valida
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -90,12 +91,12 @@ def resolve_sources(
 
 def weights_digest(source: str) -> str:
     """`content_digest` of the weights a local `--init_from` source brings: the file itself, or a
-    stage folder's LoRA file and `adapter/`, not its `config.json` or model card (a run resumed at
-    its last step rewrites those and no weight)."""
+    stage folder's LoRA file and `adapter/*.safetensors`, not its `config.json`, model card or the
+    adapter's config (a run resumed at its last step rewrites those, and no weight)."""
     if not os.path.isdir(source):
         return content_digest(source)
-    parts = [os.path.join(source, name) for name in (LORA_WEIGHT_NAME, "adapter") if os.path.exists(os.path.join(source, name))]
-    return hashlib.sha256(" ".join(content_digest(part) for part in parts).encode()).hexdigest()[:16]
+    parts = [os.path.join(source, LORA_WEIGHT_NAME)] + sorted(glob.glob(os.path.join(source, "adapter", "*.safetensors")))
+    return hashlib.sha256(" ".join(content_digest(part) for part in parts if os.path.isfile(part)).encode()).hexdigest()[:16]
 
 
 def source_digests(loras: Sequence[str], adapter: str | None) -> dict:
