@@ -334,9 +334,10 @@ def check_optimizer_settings(checkpoint: Path, args: TrainingArguments) -> None:
 
 
 # Training flags that may change on a resume without a word (where and how long the run goes, what
-# it logs, memory), and those that must not (the data order, which rows, and what trains). Any other change, e.g.
-# the batch size or accumulation (the global batch from here on) or the --dataset and --image_root
-# (data that moved, or other data with as many rows), is named in a warning.
+# it logs, memory), and those that must not (the data order, which rows, and what trains). Any
+# other change, e.g. the batch size or accumulation (the global batch from here on) or the
+# --dataset and --image_root (data that moved, or other data with as many rows), is named in a
+# warning.
 RESUMABLE_FLAGS = frozenset({
     "output_dir", "resume_from", "overwrite", "max_train_steps", "num_train_epochs", "checkpointing_steps",
     "checkpoints_total_limit", "validation_steps", "validation_prompts", "report_to", "dataloader_num_workers",
