@@ -680,18 +680,24 @@ def test_the_output_folder_is_checked_before_anything_loads(tmp_path, capsys, no
     assert [d.name for d in checkpoint_dirs(str(tmp_path / "a" / "run"))] == ["step_0000001", "step_0000002"]
 
 
-def test_a_resume_on_other_models_is_refused_and_changed_flags_are_named(tmp_path, no_final):
-    """The checkpoint's LoRA was trained on its run's models and earlier stages: resuming it on other
-    ones, or with another data order or LoRA rank, is refused. Other training flags apply from the
-    resume on, and a warning names them."""
-    from longalign.training import resumed_differences
-
+def checkpoint_and_longer_run(tmp_path):
+    """A 2-step tiny run's checkpoint, and the flags of the same run continued to 10 steps."""
     tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=2, checkpointing_steps=2)
     (checkpoint,) = checkpoint_dirs(str(tmp_path / "run"))
     args = AlignArguments(output_dir=str(tmp_path / "run"), dataset="unused.jsonl", max_train_steps=10, validation_prompts=[], **{
         "train_batch_size": 2, "gradient_accumulation_steps": 1, "mixed_precision": "no", "report_to": "none",
         "dataloader_num_workers": 0, "cpu": True, "max_nonfinite_steps": 5,
     })  # fmt: skip
+    return checkpoint, args
+
+
+def test_a_resume_on_other_models_is_refused_and_changed_flags_are_named(tmp_path, no_final):
+    """The checkpoint's LoRA was trained on its run's models and earlier stages: resuming it on other
+    ones, or with another data order or LoRA rank, is refused. Other training flags apply from the
+    resume on, and a warning names them."""
+    from longalign.training import resumed_differences
+
+    checkpoint, args = checkpoint_and_longer_run(tmp_path)
     refused = resumed_differences(checkpoint, ModelArguments(init_from=["runs/lcm-x/final"]), args)["refused"]
     assert refused == ["--init_from [] (this run: ['runs/lcm-x/final'])"]
     assert resumed_differences(checkpoint, ModelArguments(token_length=120), args)["refused"][0].startswith("--token_length 240")
@@ -715,12 +721,7 @@ def test_a_resume_checks_earlier_stages_by_their_weights_and_takes_a_gone_model_
     from longalign.pipeline import source_digests
     from longalign.training import resumed_differences
 
-    tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=2, checkpointing_steps=2)
-    (checkpoint,) = checkpoint_dirs(str(tmp_path / "run"))
-    args = AlignArguments(output_dir=str(tmp_path / "run"), dataset="unused.jsonl", max_train_steps=10, validation_prompts=[], **{
-        "train_batch_size": 2, "gradient_accumulation_steps": 1, "mixed_precision": "no", "report_to": "none",
-        "dataloader_num_workers": 0, "cpu": True, "max_nonfinite_steps": 5,
-    })  # fmt: skip
+    checkpoint, args = checkpoint_and_longer_run(tmp_path)
     moved = resumed_differences(checkpoint, ModelArguments(pretrained_model=str(tmp_path)), args)  # the hub id, downloaded
     assert moved == {"refused": [], "changed": [
         f"--pretrained_model stable-diffusion-v1-5/stable-diffusion-v1-5 (this run: {tmp_path}), as the recorded one is not there now"
