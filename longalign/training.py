@@ -249,6 +249,12 @@ def check_output_dir(model_args: ModelArguments, args: TrainingArguments, stage:
     """The checkpoint this run of `stage` resumes (None: it starts fresh), or a `UserError` for an
     output folder it must not use or a checkpoint it must not resume so (one of another stage among
     them). It only reads, so the stage scripts call it before any model loads."""
+    return _checked_resume(model_args, args, stage)[0]
+
+
+def _checked_resume(model_args: ModelArguments, args: TrainingArguments, stage: str) -> tuple[Path | None, list[str]]:
+    """`check_output_dir`'s checkpoint and the flags the resume changes, so that `prepare_output_dir`
+    names them without comparing (and hashing the earlier stages' weights) a second time."""
     out = Path(args.output_dir)
     check_folder_path(str(out), "--output_dir")
     if args.resume_from is None:
@@ -258,11 +264,11 @@ def check_output_dir(model_args: ModelArguments, args: TrainingArguments, stage:
             raise UserError(
                 f"'{out}' holds another run; pass --resume_from latest to continue it or --overwrite to replace it"
             )
-        return None
+        return None, []
     if args.resume_from in ("latest", "auto"):
         found = checkpoint_dirs(args.output_dir)
         if not found and args.resume_from == "auto":
-            return None
+            return None, []
         if not found:
             raise UserError(
                 f"--resume_from latest: no checkpoint in '{out / 'checkpoints'}'; use --resume_from auto to start "
@@ -288,7 +294,7 @@ def check_output_dir(model_args: ModelArguments, args: TrainingArguments, stage:
             f"'{path}' was trained with {differences['refused'][0]}; resume with the same settings, or start the run "
             "anew with --overwrite"
         )
-    return path
+    return path, differences["changed"]
 
 
 def check_training_length(checkpoint: Path, args: TrainingArguments) -> None:
@@ -398,16 +404,14 @@ def prepare_output_dir(
 ) -> Path | None:
     """`check_output_dir`, then make the folder ready (`--overwrite` clears an old run's outputs) and
     name the training flags a resume changes. Returns the checkpoint to resume."""
-    resume = check_output_dir(model_args, args, stage)
+    resume, changed = _checked_resume(model_args, args, stage)
     out = Path(args.output_dir)
     if resume is None and args.overwrite and holds_run(out) and accelerator.is_main_process:
         for name in ("checkpoints", "final", "validation", "logs", "config.json"):
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    if resume is not None and accelerator.is_main_process:
-        changed = resumed_differences(resume, model_args, args)["changed"]
-        if changed:
-            logger.warning("resuming with changed flags, which apply from here on: %s", ", ".join(changed))
+    if changed and accelerator.is_main_process:
+        logger.warning("resuming with changed flags, which apply from here on: %s", ", ".join(changed))
     accelerator.wait_for_everyone()
     return resume
 
