@@ -299,10 +299,14 @@ def _checked_resume(model_args: ModelArguments, args: TrainingArguments, stage: 
 
 def check_training_length(checkpoint: Path, args: TrainingArguments) -> None:
     """A `UserError` when the run would end before the checkpoint: `final/` would hold its later
-    state while `config.json` recorded the shorter run."""
+    state while `config.json` recorded the shorter run.
+
+    A run of `--num_train_epochs N` stops at the first window's end at or past N epochs, so its
+    last checkpoint may hold more than N (1.33 of 1, say): resuming it with the same stopping rule
+    (a crash after the last save, a requeued `--resume_from auto` job) finishes it, not refused."""
     state = saved_state(checkpoint) or {}
+    step = state.get("global_step")
     if args.max_train_steps is not None:
-        step = state.get("global_step")
         if isinstance(step, int) and step > args.max_train_steps:
             raise UserError(f"--max_train_steps {args.max_train_steps} is below the step of '{checkpoint}' ({step})")
         return
@@ -310,8 +314,13 @@ def check_training_length(checkpoint: Path, args: TrainingArguments) -> None:
         done = ResumableSampler.from_state(state["sampler"]).epochs_consumed
     except (KeyError, TypeError, ValueError, UserError):
         return  # damaged: load_checkpoint names it
-    if done > args.num_train_epochs:
-        raise UserError(f"--num_train_epochs {args.num_train_epochs} is below the {done:.2f} epochs of '{checkpoint}'")
+    recorded = (checkpoint_config(checkpoint) or {}).get("training", {})
+    same_rule = recorded.get("max_train_steps") is None and recorded.get("num_train_epochs") == args.num_train_epochs
+    if done > args.num_train_epochs and not same_rule:
+        raise UserError(
+            f"--num_train_epochs {args.num_train_epochs} is below the {done:.2f} epochs of '{checkpoint}' "
+            f"(--max_train_steps {step} ends the run at it)"
+        )
 
 
 def check_optimizer_settings(checkpoint: Path, args: TrainingArguments) -> None:

@@ -644,8 +644,18 @@ def test_epochs_count_passes_over_the_data(tmp_path, no_final):
     tiny_loop(tmp_path / "b", data_and_noise_loss, max_train_steps=None, num_train_epochs=3)  # 8 rows, batch 2
     state = json.loads((checkpoint_dirs(str(tmp_path / "b" / "run"))[-1] / "training_state.json").read_text())
     assert state["global_step"] == 12 and state["sampler"]["epoch"] == 2 and state["sampler"]["position"] == 8
-    with pytest.raises(UserError, match="--num_train_epochs 2 is below the 3.00 epochs"):  # final/ would hold 3
+    with pytest.raises(UserError, match="--num_train_epochs 2 is below the 3.00 epochs .*--max_train_steps 12 ends"):
         tiny_loop(tmp_path / "b", data_and_noise_loss, max_train_steps=None, num_train_epochs=2, resume_from="latest")
+
+    three_rows = two_rows + [{"path": "2.png", "caption": "caption 2"}]  # windows end at 2/3 and 4/3 epochs
+    flags = dict(table=three_rows, max_train_steps=None, num_train_epochs=1, train_batch_size=1, gradient_accumulation_steps=2)
+    tiny_loop(tmp_path / "d", data_and_noise_loss, **flags)
+    (finished,) = checkpoint_dirs(str(tmp_path / "d" / "run"))
+    saved = (finished / "training_state.json").read_text()
+    assert json.loads(saved)["sampler"]["position"] == 1  # 1.33 epochs: past the 1 asked for
+    tiny_loop(tmp_path / "d", data_and_noise_loss, resume_from="latest", **flags)  # as after a crash past the save
+    assert checkpoint_dirs(str(tmp_path / "d" / "run")) == [finished]  # it finished at once: no step more
+    assert (finished / "training_state.json").read_text() == saved
 
     calls = []
 
