@@ -505,7 +505,9 @@ def save_checkpoint(
     `final/` does). No RNG state is needed: every micro-step reseeds from
     `step_seed`. DDP ranks hold identical weights and optimizer state, so the main process writes
     everything into a temporary folder and renames it; a crash mid-save leaves only the temporary
-    folder, which `checkpoint_dirs` ignores. Old checkpoints beyond the limit are pruned.
+    folder, which `checkpoint_dirs` ignores. A step saved again replaces its folder by two renames
+    and deletes the old version only once the new one is in place (a crash between the renames
+    leaves it as `.old_step_N`). Old checkpoints beyond the limit are pruned.
     """
     if accelerator.is_main_process:
         root = Path(args.output_dir) / "checkpoints"
@@ -521,8 +523,12 @@ def save_checkpoint(
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         full_state = {**state, "lr_scheduler": lr_scheduler.state_dict(), "grad_scaler": scaler}
         (temporary / STATE_FILE).write_text(json.dumps(full_state, indent=2))  # written last: marks it complete
-        shutil.rmtree(final, ignore_errors=True)
+        replaced = root / f".old_step_{step:07d}"  # step N saved again (a window without an optimizer step)
+        if final.exists():
+            shutil.rmtree(replaced, ignore_errors=True)  # one a crash left after the second rename
+            os.replace(final, replaced)
         os.replace(temporary, final)
+        shutil.rmtree(replaced, ignore_errors=True)
         complete = checkpoint_dirs(args.output_dir)
         if args.checkpoints_total_limit:  # 0 keeps all; the newest is the one just written
             for old in complete[: max(len(complete) - args.checkpoints_total_limit, 0)]:

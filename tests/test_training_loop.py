@@ -669,6 +669,35 @@ def test_epochs_count_passes_over_the_data(tmp_path, no_final):
     assert state["global_step"] == 3 and state["sampler"]["position"] == 8
 
 
+def test_a_step_saved_again_keeps_its_old_version_until_the_new_one_is_in_place(tmp_path, monkeypatch, no_final):
+    """Step 3 is saved at its window and again when the epoch ends on a dropped window (4 rows
+    later): a crash while the new version moves in must leave a complete step 3, not none."""
+    import os
+
+    calls = []
+
+    def nan_on_the_last_window(parts, batch, generator):
+        calls.append(None)
+        return data_and_noise_loss(parts, batch, generator)[0] * (float("nan") if len(calls) == 4 else 1.0), {}
+
+    def crash_on_moving_in(source, target, rename=os.replace):
+        if Path(source).name == ".tmp_step_0000003" and (Path(target).parent / ".old_step_0000003").exists():
+            raise OSError("disk gone")
+        rename(source, target)
+
+    with monkeypatch.context() as crashing, pytest.raises(OSError, match="disk gone"):
+        crashing.setattr("longalign.training.os.replace", crash_on_moving_in)
+        tiny_loop(tmp_path, nan_on_the_last_window, max_train_steps=None, num_train_epochs=1, checkpointing_steps=1)
+    kept = tmp_path / "run" / "checkpoints" / ".old_step_0000003"
+    assert json.loads((kept / "training_state.json").read_text())["sampler"]["position"] == 6  # the first save
+    calls.clear()
+    tiny_loop(tmp_path / "again", nan_on_the_last_window, max_train_steps=None, num_train_epochs=1, checkpointing_steps=1)
+    folders = sorted(p.name for p in (tmp_path / "again" / "run" / "checkpoints").iterdir())
+    assert folders == ["step_0000001", "step_0000002", "step_0000003"]  # no .old_step_ left
+    last = json.loads((tmp_path / "again" / "run" / "checkpoints" / "step_0000003" / "training_state.json").read_text())
+    assert last["sampler"]["position"] == 8  # the second save replaced the first
+
+
 def test_the_output_folder_is_checked_before_anything_loads(tmp_path, capsys, no_final):
     """A used --output_dir, one under a file, or another run's checkpoint resumed into a folder that
     holds a run: one line before the dataset or any model loads (those flags name nothing real)."""
