@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .loading import UserError, resolve_source
+from .loading import UserError, error_line, resolve_source
 from .text_encoding import paragraphs
 
 logger = logging.getLogger(__name__)
@@ -169,10 +169,10 @@ def _load_with_datasets(settings: DataSettings, kind: str | None, source: str):
     except (ValueError, KeyError) as error:  # bad split name, unparsable or empty file
         if "corresponds to no data" in str(error) and os.path.exists(source):
             raise UserError(f"dataset '{source}' has no rows") from None
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        reason = error_line(error, 200)
         raise UserError(f"could not read dataset '{source}' (split '{settings.split}'): {reason}") from None
     except Exception as error:  # hub/connection/parse errors come in many classes
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        reason = error_line(error, 200)
         hint = "" if os.path.exists(source) else "; with no hub access, download it elsewhere and pass the local file"
         raise UserError(f"could not read dataset '{source}': {reason}{hint}") from None
 

@@ -122,8 +122,9 @@ def read_prompt_file(path: str, flag: str) -> list[str]:
     return prompts
 
 
-def _first_line(error: BaseException, limit: int = 300) -> str:
-    """The first line of a library's error message, cut at `limit` characters (marked by "...")."""
+def error_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of a library's error message (its class name when it has none), cut at
+    `limit` characters (marked by "..."): what a one-line `UserError` or warning quotes of it."""
     text = str(error).strip()
     line = text.splitlines()[0] if text else type(error).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."
@@ -135,7 +136,7 @@ def _hub_hint(name: str, what: str, error: BaseException) -> UserError:
         return UserError(f"{what} not found: no such file or folder '{name}' (nor a hub repo '{first}/...')")
     return UserError(
         f"could not load {what} '{name}': no such local path, and fetching it from the hub failed "
-        f"({_first_line(error)}); check the path, or download it elsewhere and pass the local folder"
+        f"({error_line(error)}); check the path, or download it elsewhere and pass the local folder"
     )
 
 
@@ -168,7 +169,7 @@ def load_pretrained(cls: Any, name: str, what: str, subfolder: str | None = None
     except (OSError, ValueError) as error:
         if os.path.exists(source):
             raise UserError(
-                f"could not load {what} from '{where}' ({_first_line(error)}): the folder is incomplete, "
+                f"could not load {what} from '{where}' ({error_line(error)}): the folder is incomplete, "
                 "damaged or holds another kind of model"
             ) from None
         raise _hub_hint(where, what, error) from None

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .loading import UserError, check_folder_path, fetch_file, resolve_source, split_hub_path
+from .loading import UserError, check_folder_path, error_line, fetch_file, resolve_source, split_hub_path
 
 LORA_TARGET_CLASSES = ("ResnetBlock2D", "Attention", "GEGLU")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -342,7 +342,7 @@ def read_safetensors_lora(path: str) -> LoraWeights:
             metadata = handle.metadata() or {}
             state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError) as error:
-        raise UserError(f"could not read LoRA file '{path}': {str(error).splitlines()[0]}") from None
+        raise UserError(f"could not read LoRA file '{path}': {error_line(error)}") from None
     state_dict = _strip_unet_prefix(state_dict, path, "weights")
     if state_dict and not any(".lora_A." in key or ".lora_B." in key for key in state_dict):
         from diffusers.utils import convert_unet_state_dict_to_peft
@@ -429,10 +429,10 @@ def read_legacy_list(path: str) -> list[torch.Tensor]:
     try:
         items = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle / zip / weights_only errors come in many classes
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = error_line(error, 200)
         if "Weights only load failed" in reason:  # torch's advice to drop weights_only would be unsafe
             reason = "not a torch.save file of plain tensors"
-        raise UserError(f"could not read released LoRA '{path}' with torch.load(weights_only=True): {reason[:200]}") from None
+        raise UserError(f"could not read released LoRA '{path}' with torch.load(weights_only=True): {reason}") from None
     if not isinstance(items, (list, tuple)):
         already = "; a diffusers-format LoRA loads as it is" if isinstance(items, dict) and any("lora" in str(k) for k in items) else ""
         raise UserError(f"released LoRA '{path}' is not a list of tensors (it holds a {type(items).__name__}{already})")

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loading import UserError, fetch_file, load_pretrained, resolve_source
+from .loading import UserError, error_line, fetch_file, load_pretrained, resolve_source
 from .text_encoding import check_tokenizer, get_segmenter
 
 logger = logging.getLogger(__name__)
@@ -534,7 +534,7 @@ def load_preference_model(
             model = open_clip.create_model(spec.source, pretrained=checkpoint, device="cpu", weights_only=True)
             tokenizer = open_clip.get_tokenizer(spec.source)
         except (RuntimeError, ValueError, FileNotFoundError, OSError, KeyError) as error:
-            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            reason = error_line(error, 200)
             raise UserError(f"could not load open_clip preference model '{name}' ({reason})") from None
         scorer = OpenCLIPPreferenceModel(model, tokenizer, segmenter=segmenter, name=name)
     else:  # pragma: no cover - specs are written in this module
