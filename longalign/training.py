@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .config import ModelArguments, TrainingArguments, parse_flags, same_setting
 from .data import STOP_SIGNALS, BadRowMonitor, ResumableSampler, closing_workers, make_dataloader
-from .loading import UserError, check_folder_path, content_digest, is_hub_id, load_pretrained, local_path
+from .loading import UserError, check_folder_path, content_digest, error_line, is_hub_id, load_pretrained, local_path
 from .lora import LoraSettings, add_lora, fuse_stage_loras, save_lora
 from .pipeline import (
     LongPromptPipeline,
@@ -647,6 +647,18 @@ def validate(accelerator: Accelerator, args: TrainingArguments, parts: StagePart
     return path
 
 
+def validate_or_warn(accelerator: Accelerator, args: TrainingArguments, parts: StageParts, settings: ValidationSettings, step: int) -> None:
+    """`validate` in the loop and after `final/`, where a failure (out of memory beside the training
+    state, say) is a warning: a diagnostic must not end the run and lose the steps since the last
+    checkpoint, nor leave the other ranks waiting for the main one, the only one that validates."""
+    try:
+        validate(accelerator, args, parts, settings, step)
+    except Exception as error:  # sampling fails in many classes; the run itself is unharmed
+        logger.warning("validation at step %d failed, training goes on: %s", step, error_line(error))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def log_images(accelerator: Accelerator, grid, step: int) -> None:
     """Send the validation grid to the active tracker (tensorboard or wandb)."""
     import numpy as np
@@ -1041,7 +1053,7 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
                 if step % args.checkpointing_steps == 0 or finished or stop_signal:
                     checkpoint()
                 if args.validation_steps and step % args.validation_steps == 0 and not (finished or stop_signal):
-                    validate(accelerator, args, parts, stage.validation, step)
+                    validate_or_warn(accelerator, args, parts, stage.validation, step)
                 if finished or (halted := bool(stop_signal)):
                     break
             else:
@@ -1051,7 +1063,7 @@ def run_training(model_args: ModelArguments, args: TrainingArguments, accelerato
         stopped(accelerator, args, stop_signal, state["global_step"])
     check_ranks_agree(accelerator, params)
     final = write_final(accelerator, args, model_args, parts, stage.name, state["global_step"], stage.validation.sampler)
-    validate(accelerator, args, parts, stage.validation, state["global_step"])
+    validate_or_warn(accelerator, args, parts, stage.validation, state["global_step"])
     accelerator.wait_for_everyone()  # no rank tears the process group down while another still uses it
     accelerator.end_training()
     if accelerator.is_main_process:

@@ -669,6 +669,21 @@ def test_epochs_count_passes_over_the_data(tmp_path, no_final):
     assert state["global_step"] == 3 and state["sampler"]["position"] == 8
 
 
+def test_a_failed_validation_is_a_warning_and_the_run_goes_on(tmp_path, monkeypatch, caplog, no_final):
+    def out_of_memory(accelerator, args, parts, settings, step):
+        raise torch.OutOfMemoryError(f"CUDA out of memory at step {step}. Tried to allocate 2.00 GiB\nmore detail")
+
+    monkeypatch.setattr("longalign.training.validate", out_of_memory)
+    with caplog.at_level(logging.WARNING, logger="longalign.training"):
+        tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=3, validation_steps=2, validation_prompts=["a circle"])
+    assert [c.name for c in checkpoint_dirs(str(tmp_path / "run"))] == ["step_0000003"]  # it trained to the end
+    failed = [r.getMessage() for r in caplog.records if "validation at step" in r.getMessage()]
+    assert failed == [
+        f"validation at step {step} failed, training goes on: CUDA out of memory at step {step}. Tried to allocate 2.00 GiB"
+        for step in (2, 3)  # in the loop, and after final/
+    ]
+
+
 def test_a_step_saved_again_keeps_its_old_version_until_the_new_one_is_in_place(tmp_path, monkeypatch, no_final):
     """Step 3 is saved at its window and again when the epoch ends on a dropped window (4 rows
     later): a crash while the new version moves in must leave a complete step 3, not none."""
