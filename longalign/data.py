@@ -516,7 +516,7 @@ class BadRowMonitor:
         examples = [f"{reason}: {detail}" for reason, detail in self.first_bad.items()][:2]
         text = f"{bad} of {seen} rows ({100.0 * bad / max(seen, 1):.1f}%) were skipped"
         if parts:
-            text += f": {', '.join(parts)} (e.g. {'; '.join(examples)})"
+            text += f": {', '.join(parts)}" + (f" (e.g. {'; '.join(examples)})" if examples else "")
         return text
 
     @staticmethod
@@ -561,13 +561,15 @@ class BadRowMonitor:
             logger.warning("%s so far", self.summary())
 
     def state_dict(self) -> dict[str, Any]:
-        """{'rows_seen': int, 'bad_counts': {reason: int}} (JSON-safe)."""
-        return {"rows_seen": self.rows_seen, "bad_counts": dict(self.bad_counts)}
+        """{'rows_seen': int, 'bad_counts': {reason: int}, 'first_bad': {reason: detail}} (JSON-safe)."""
+        return {"rows_seen": self.rows_seen, "bad_counts": dict(self.bad_counts), "first_bad": dict(self.first_bad)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the counts saved by `state_dict()`."""
+        """Restore the counts and examples saved by `state_dict()` (a checkpoint saved before the
+        examples were kept has none)."""
         self.rows_seen = int(state["rows_seen"])
         self.bad_counts = {reason: 0 for reason in BAD_ROW_REASONS} | {k: int(v) for k, v in state["bad_counts"].items()}
+        self.first_bad = {str(k): str(v) for k, v in state.get("first_bad", {}).items()}
 
 
 # ------------------------------------------------------------------------------- sampler

@@ -263,6 +263,10 @@ def test_monitor_state_roundtrip():
     restored = BadRowMonitor(max_bad_fraction=1.0)
     restored.load_state_dict(json.loads(json.dumps(monitor.state_dict())))
     assert restored.rows_seen == 5 and restored.rows_bad == 1
+    assert restored.summary() == monitor.summary() == "1 of 5 rows (20.0%) were skipped: 1 empty or non-text captions (e.g. bad_caption: x)"
+    older = {"rows_seen": 5, "bad_counts": {"bad_caption": 1}}  # a checkpoint saved before the examples were kept
+    restored.load_state_dict(older)
+    assert restored.summary() == "1 of 5 rows (20.0%) were skipped: 1 empty or non-text captions"
 
 
 # ----------------------------------------------------------------------------- sampler
