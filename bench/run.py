@@ -49,6 +49,7 @@ import re
 import shutil
 import statistics
 import subprocess
+import signal
 import sys
 import tempfile
 import time
@@ -66,7 +67,7 @@ if str(ROOT) not in sys.path:  # `python bench/run.py` puts bench/ first on the 
 
 import torch
 
-from longalign.loading import UserError, check_device, check_folder_path, cli_entry
+from longalign.loading import UserError, check_device, check_folder_path, cli_entry, error_line
 
 STAGES = ("align", "lcm", "reward", "reward_lcm", "sample")
 STAGE_CHOICES = (*STAGES, "all", "chain")
@@ -654,7 +655,7 @@ def guarded(name: str, body: Callable[[], dict[str, Any]], options: Options, tak
         return body()
     except Exception as error:  # noqa: BLE001 - every failure is a result here
         status = "oom" if is_oom(error) else "error"
-        record = {"status": status, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"}
+        record = {"status": status, "error": f"{type(error).__name__}: {error_line(error) if str(error).strip() else ''}"}
         if options.device.type == "cuda":
             record["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(options.device) / GIB, 3)
             record["memory_kind"] = "cuda_max_allocated"
@@ -974,7 +975,14 @@ class Runner:
 
     # ------------------------------------------------------------------ chain
     def chain(self) -> None:
-        """The tiny align -> lcm -> reward -> reward_lcm chain through run_unet.sh, 2 optimizer steps each."""
+        """The tiny align -> lcm -> reward -> reward_lcm chain through run_unet.sh, 2 optimizer steps
+        each. A stage still running at `--deadline-s` is stopped (`timeout`); an error before the
+        stages (writing the data) is the row's result, as in `guarded`."""
+        record = self.base("chain", "chain", "run_unet.sh align -> lcm -> reward -> reward_lcm, 2 optimizer steps each, batch 2, end-to-end wall time incl. imports, loading, checkpoints, validation", 2)
+        record.update(guarded("chain", self._run_chain, self.options), target_seconds=60)
+        self.record(record)
+
+    def _run_chain(self) -> dict[str, Any]:
         from longalign.data import write_tiny_dataset
 
         options = self.options
@@ -988,29 +996,34 @@ class Runner:
             "--report_to", "none", "--validation_steps", "0", "--overwrite",
         ]  # fmt: skip
         reward = ["--reward_model", str(self.folders["preference"])]
-        total = 0.0
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable, "NUM_GPUS": "0"}
         if options.device.type != "cuda":
             env["CUDA_VISIBLE_DEVICES"] = ""
         if options.extra.get("threads"):
             env["OMP_NUM_THREADS"] = str(options.extra["threads"])  # the scripts' torch threads, as --threads here
-        per_stage = {}
+        per_stage: dict[str, Any] = {}
         status = "ok"
         for stage, extra in (("align", ["--adapter", str(self.folders["adapter"])]), ("lcm", []), ("reward", reward), ("reward_lcm", reward)):
             started = time.perf_counter()
-            result = subprocess.run(
+            left = None if options.deadline is None else max(options.deadline - time.monotonic(), 1.0)
+            with subprocess.Popen(
                 ["bash", str(ROOT / "run_unet.sh"), stage, "bench", *flags, *extra],
-                cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False,
-            )  # fmt: skip
+                cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            ) as process:  # fmt: skip
+                try:
+                    output, _ = process.communicate(timeout=left)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)  # the launcher and the python it started
+                    output, _ = process.communicate()
+                    status = "timeout"
             per_stage[stage] = round(time.perf_counter() - started, 2)
-            total += per_stage[stage]
-            if result.returncode != 0:
+            if status == "ok" and process.returncode != 0:
                 status = "error"
-                per_stage[f"{stage}_error"] = result.stdout[-1500:]
+                per_stage[f"{stage}_error"] = output[-1500:]
+            if status != "ok":
                 break
-        record = self.base("chain", "chain", "run_unet.sh align -> lcm -> reward -> reward_lcm, 2 optimizer steps each, batch 2, end-to-end wall time incl. imports, loading, checkpoints, validation", 2)
-        record.update(status=status, wall_seconds_total=round(total, 2), wall_seconds_by_stage=per_stage, target_seconds=60)
-        self.record(record)
+        total = sum(v for v in per_stage.values() if isinstance(v, float))
+        return {"status": status, "wall_seconds_total": round(total, 2), "wall_seconds_by_stage": per_stage}
 
 
 # ---------------------------------------------------------------------------- reporting
