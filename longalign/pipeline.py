@@ -228,7 +228,8 @@ class LongPromptPipeline:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> "LongPromptPipeline":
-        """SD1.5 + T5 + adapter, with the stage LoRAs in `init_from` fused into the UNet in order.
+        """SD1.5 + T5 + adapter, with the stage LoRAs in `init_from` fused into the UNet in order (in
+        float32, then cast to `dtype`).
 
         Every source is a hub id/path or a local folder/file; released `.pt` LoRAs are converted.
         """
@@ -239,8 +240,11 @@ class LongPromptPipeline:
             pretrained_model, t5_model, adapter, mode, token_length, segmenter, device=device, dtype=dtype
         )
         shared = {"text_encoder": encoder.clip.text_encoder, "tokenizer": encoder.clip.tokenizer} if encoder.clip else {}
-        # UNet and VAE through load_pretrained too, which refuses a folder that lacks their weights
-        shared["unet"] = load_pretrained(UNet2DConditionModel, pretrained_model, "UNet", subfolder="unet", dtype=dtype)
+        # UNet and VAE through load_pretrained too, which refuses a folder that lacks their weights. The
+        # LoRAs are fused in float32 and the sum cast once, as the stages fuse earlier ones before training.
+        unet = load_pretrained(UNet2DConditionModel, pretrained_model, "UNet", subfolder="unet")
+        fuse_stage_loras(unet, loras)
+        shared["unet"] = unet.to(dtype)
         shared["vae"] = load_pretrained(AutoencoderKL, pretrained_model, "VAE", subfolder="vae", dtype=dtype)
         pipe = load_pretrained(
             StableDiffusionPipeline,
@@ -251,7 +255,6 @@ class LongPromptPipeline:
             requires_safety_checker=False,
             **shared,
         )
-        fuse_stage_loras(pipe.unet, loras)
         pipe.to(device)
         return cls(pipe, encoder)
 

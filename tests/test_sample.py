@@ -474,3 +474,18 @@ def test_default_dtype_follows_the_device(monkeypatch):
         assert sample.resolve_device(sample.SampleArguments()) == ("cuda", expected)
     assert sample.resolve_device(sample.SampleArguments(device="cpu")) == ("cpu", torch.float32)
     assert sample.resolve_device(sample.SampleArguments(dtype="float16")) == ("cuda", torch.float16)
+
+
+def test_stage_loras_are_fused_in_float32_before_the_cast(tiny_models, loras):
+    """A bf16 pipeline holds (W + up @ down) computed in float32 and rounded once, as the stages
+    fuse earlier ones before training; fusing in bf16 rounds W, the delta and their sum."""
+    from longalign.pipeline import LongPromptPipeline
+
+    def unet_weights(dtype):
+        pipeline = LongPromptPipeline.from_pretrained(
+            str(tiny_models["sd15"]), str(tiny_models["t5"]), str(tiny_models["adapter"]), [str(loras / "align")], dtype=dtype
+        )
+        return pipeline.pipe.unet.state_dict()
+
+    full, half = unet_weights(torch.float32), unet_weights(torch.bfloat16)
+    assert all(half[name].dtype == torch.bfloat16 and torch.equal(half[name], value.to(torch.bfloat16)) for name, value in full.items())
