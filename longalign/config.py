@@ -126,7 +126,7 @@ class TrainingArguments(DataSettings):
         metadata={"help": "'latest' (error if none), 'auto' (latest, or start fresh if none) or a checkpoint folder"},
     )
     overwrite: bool = field(default=False, metadata={"help": "replace an existing run in --output_dir"})
-    mixed_precision: str = field(default="bf16", metadata={"help": "no, fp16 or bf16 (frozen weights in this dtype, LoRA in fp32)"})
+    mixed_precision: str = field(default="bf16", metadata={"help": "no, fp16 or bf16 (frozen weights in this dtype, the LoRA in --lora_dtype)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute UNet activations in backward (less memory, more time)"})
     report_to: str = field(default="tensorboard", metadata={"help": "tensorboard, wandb or none"})
     seed: int = field(default=0, metadata={"help": "seed of LoRA init, noise, timesteps, dropout and data order"})
@@ -138,6 +138,11 @@ class TrainingArguments(DataSettings):
     dataloader_num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes per rank"})
     lora_rank: int = field(default=32, metadata={"help": "LoRA rank (alpha = rank, scale 1)"})
     lora_dropout: float = field(default=0.1, metadata={"help": "dropout on each LoRA branch's output, dropout(B(A(x))), as released"})
+    lora_dtype: str = field(
+        default="float32",
+        metadata={"help": "the LoRA's weights and AdamW moments: float32 (master weights, as mixed-precision training keeps "
+                          "them) or bfloat16 (as the released stages trained them, where many small updates round away)"},
+    )  # fmt: skip
     max_nonfinite_steps: int = field(default=10, metadata={"help": "stop after this many non-finite losses or gradients without an optimizer step between them"})
     cpu: bool = field(default=False, metadata={"help": "run on CPU even when a GPU is present"})
 
@@ -174,6 +179,8 @@ class TrainingArguments(DataSettings):
             raise UserError(f"--validation_steps must be 0 (only at the end) or more (got {self.validation_steps})")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise UserError(f"--lora_dropout must be in [0, 1) (got {self.lora_dropout})")
+        if self.lora_dtype not in ("float32", "bfloat16"):
+            raise UserError(f"--lora_dtype must be float32 or bfloat16 (got {self.lora_dtype})")
         if self.dataloader_num_workers < 0:
             raise UserError(f"--dataloader_num_workers must be 0 or more (got {self.dataloader_num_workers})")
         if self.lr_warmup_steps < 0:

@@ -832,17 +832,19 @@ def _set_path(root: Any, path: str, value: Any) -> None:
 
 
 def prepare_optimization(accelerator: Accelerator, args: TrainingArguments, stage: Stage) -> tuple[list[nn.Parameter], Any, Any]:
-    """Trainable modules in train mode with fp32 weights, AdamW, warmup-then-constant LR, `prepare`.
+    """Trainable modules in train mode with fp32 weights (the UNet's, its LoRA, in `--lora_dtype`),
+    AdamW (its moments in the weights' dtype), warmup-then-constant LR, `prepare`.
 
     The prepared modules replace the originals inside `stage.parts` (and `stage.trainable`), so the
     loss sees them. Returns (trainable parameters, optimizer, lr scheduler).
     """
     modules = list(stage.trainable.values())
-    for module in modules:
+    for path, module in stage.trainable.items():
         module.train()  # diffusers and transformers load in eval mode, where LoRA dropout does nothing
+        dtype = getattr(torch, args.lora_dtype) if path == "unet" else torch.float32
         for parameter in module.parameters():
             if parameter.requires_grad:
-                parameter.data = parameter.data.float()
+                parameter.data = parameter.data.to(dtype)
     params = [p for module in modules for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),

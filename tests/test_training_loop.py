@@ -161,6 +161,7 @@ def test_stage_arguments_are_checked():
         (dict(adam_epsilon=-1.0), "--adam_epsilon"), (dict(validation_steps=-1), "--validation_steps"),
         (dict(learning_rate=-1e-5), "--learning_rate"), (dict(huber_c=0.0), "--huber_c"), (dict(dataloader_num_workers=-1), "--dataloader_num_workers"),
         (dict(lr_warmup_steps=-1), "--lr_warmup_steps"), (dict(seed=-1), r"--seed must be in \[0, 2\*\*32\)"), (dict(seed=2**32), "--seed"),
+        (dict(lora_dtype="float16"), "--lora_dtype must be float32 or bfloat16"),
     ]:  # fmt: skip
         with pytest.raises(UserError, match=match):
             AlignArguments(**flags)
@@ -196,8 +197,13 @@ def test_optimizer_state_round_trips_through_safetensors(tmp_path):
     torch.optim.AdamW(model.parameters(), lr=1.0).load_state_dict(restored)  # loads into a fresh optimizer
 
 
-def test_checkpoints_hold_only_safetensors_and_json_and_resume_exactly(tmp_path, no_final):
-    flags = dict(checkpointing_steps=2, learning_rate=0.1, lr_warmup_steps=3)  # steps 1-3 each have another LR
+@pytest.mark.parametrize("lora_dtype", ["float32", "bfloat16"])
+def test_checkpoints_hold_only_safetensors_and_json_and_resume_exactly(tmp_path, no_final, lora_dtype):
+    """Also with the LoRA trained in bf16 (`--lora_dtype`, as released): its weights and AdamW
+    moments are bf16, and they too resume exactly."""
+    flags = dict(checkpointing_steps=2, learning_rate=0.1, lr_warmup_steps=3, lora_dtype=lora_dtype)  # steps 1-3: other LRs
+    if lora_dtype == "bfloat16":
+        flags["mixed_precision"] = "bf16"  # autocast: the toy module has no peft LoRA to cast its input
     straight = tiny_loop(tmp_path / "straight", data_and_noise_loss, max_train_steps=4, **flags)
     tiny_loop(tmp_path / "resumed", data_and_noise_loss, max_train_steps=2, **flags)
     checkpoint = tmp_path / "resumed" / "run" / "checkpoints" / "step_0000002"
@@ -207,8 +213,13 @@ def test_checkpoints_hold_only_safetensors_and_json_and_resume_exactly(tmp_path,
     torch.manual_seed(0)
     initial = nn.Linear(3, 3).state_dict()
     for name, value in straight.state_dict().items():  # the warmup LR and AdamW moments were restored
-        assert not torch.equal(value, initial[name]), name
+        assert value.dtype == getattr(torch, lora_dtype), name
+        assert not torch.equal(value, initial[name].to(value.dtype)), name
         assert torch.equal(value, resumed.state_dict()[name]), name
+    from safetensors.torch import load_file
+
+    moments = load_file(str(checkpoint / "optimizer.safetensors"))
+    assert moments and all(m.dtype == getattr(torch, lora_dtype) for k, m in moments.items() if k.endswith("exp_avg")), moments.keys()
     every_file = [p for p in Path(tmp_path).rglob("checkpoints/*/*")]
     assert every_file and all(p.suffix in (".safetensors", ".json") for p in every_file)
 
