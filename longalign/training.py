@@ -69,16 +69,25 @@ def parse_stage_arguments(stage_class: type, argv: list[str] | None = None) -> t
 
 
 def make_accelerator(args: TrainingArguments) -> Accelerator:
-    """Accelerator with the run's precision, accumulation and trackers (logs in OUTPUT_DIR/logs)."""
+    """Accelerator with the run's precision, accumulation and trackers (logs in OUTPUT_DIR/logs).
+
+    Launched as several processes on a machine without a GPU, they train together on the CPU
+    (accelerate would otherwise run each alone, as that many separate runs in one folder)."""
     config = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs"))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=config,
-        cpu=args.cpu,
+        cpu=args.cpu or (launched > 1 and not torch.cuda.is_available()),
         step_scheduler_with_optimizer=False,  # the loop steps it once per optimizer step (warmup in optimizer steps)
     )
+    if accelerator.num_processes != launched:
+        raise UserError(
+            f"launched as {launched} processes, but accelerate runs {accelerator.num_processes}: check NUM_GPUS "
+            "and the accelerate config (--cpu trains the processes together on the CPU)"
+        )
     # This project's INFO lines (adapter used, resume, rank agreement) from the main process; warnings
     # from every process. A no-op where logging is configured already (e.g. under pytest).
     logging.basicConfig(format="%(levelname)s:%(name)s: %(message)s")

@@ -255,11 +255,13 @@ def test_interrupted_save_leaves_previous_checkpoint_latest(tmp_path):
 
 
 def test_two_processes_on_cpu(tmp_path, tiny_models, dataset):
+    """Also launched without --cpu: with no GPU, the two processes still train together (accelerate
+    alone ran them as two separate runs in one folder)."""
     out = tmp_path / "ddp"
     launch = two_cpu_processes()
     warmup = ("--lr_warmup_steps", "10")  # LR = 1e-3 * optimizer steps / 10 throughout these runs
-    cmd = align_cmd(tiny_models, dataset, out, 2, "--cpu", *warmup)[1:]
-    result = run([*launch, *cmd], tmp_path, env={"ACCELERATE_USE_CPU": "true"})
+    cmd = align_cmd(tiny_models, dataset, out, 2, *warmup)[1:]
+    result = run([*launch, *cmd], tmp_path)
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["num_processes"] == 2, result.stdout[-2000:]
     assert (out / "final" / "pytorch_lora_weights.safetensors").exists()
