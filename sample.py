@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         "height": args.height,
         "width": args.width,
         "dtype": str(dtype).replace("torch.", ""),
-        "checkpoints": checkpoints,
+        "checkpoints": canonical_sources(checkpoints),
         "weights_sha256": digests,  # a stage retrained at the same path is another checkpoint
         "encoder": {"mode": model_args.encoder_mode, "segmenter": model_args.segmenter, "token_length": model_args.token_length},
     }
@@ -205,6 +205,19 @@ def generate(pipeline: LongPromptPipeline, todo: list[tuple[int, str, int]], arg
     progress.close()
 
 
+def canonical_sources(checkpoints: dict) -> dict:
+    """The sources of `resolve_sources`' record with each local path made absolute and resolved
+    (`./runs/x/final/` and `runs/x/final`, or a run from another folder, are one checkpoint);
+    hub ids as they are."""
+
+    def canonical(source):
+        if isinstance(source, str) and os.path.exists(os.path.expanduser(source)):
+            return os.path.realpath(os.path.expanduser(source))
+        return source
+
+    return {key: [canonical(s) for s in value] if isinstance(value, list) else canonical(value) for key, value in checkpoints.items()}
+
+
 def image_stem(out: str, prompt_index: int, k: int) -> str:
     """`OUT/NNNN_KK`: image k of prompt N, without the extension."""
     return os.path.join(out, f"{prompt_index:04d}_{k:02d}")
@@ -224,6 +237,8 @@ def already_made(out: str, prompt_index: int, prompt: str, k: int, seed: int, se
     except (OSError, ValueError):
         return False
     wanted = {"prompt": prompt, "seed": seed, **settings}
+    if isinstance(saved.get("checkpoints"), dict):  # written as typed by an older sample.py
+        saved["checkpoints"] = canonical_sources(saved["checkpoints"])
     differs = [key for key, value in wanted.items() if saved.get(key) != value]
     if differs and not overwrite:
         key = differs[0]

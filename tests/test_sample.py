@@ -199,6 +199,9 @@ def test_rerun_resumes_and_batching_keeps_each_seed(tiny_models, tmp_path, capsy
     out = run_sample([*common, "--batch_size", "4", "--out", str(batched)], tmp_path, capsys)
     assert "5 of 6 image(s) already in" in out and "wrote 1 image(s)" in out
     assert (batched / "0001_01.json").exists() and (batched / "0000_00.png").stat().st_mtime_ns == kept
+    respelled = [f"{flag}/./" if i % 2 else flag for i, flag in enumerate(common[:6])] + common[6:]  # the same models
+    out = run_sample([*respelled, "--batch_size", "4", "--out", str(batched)], tmp_path, capsys)
+    assert "6 of 6 image(s) already in" in out
     # Other settings into the same folder: refused (nothing overwritten) unless --overwrite.
     expect_user_error([*common, "--steps", "2", "--out", str(batched)], capsys, "steps", "--overwrite")
     assert json.loads((batched / "0000_00.json").read_text())["steps"] == 4
