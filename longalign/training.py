@@ -429,7 +429,7 @@ def prepare_output_dir(
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     if changed and accelerator.is_main_process:
-        logger.warning("resuming with changed flags, which apply from here on: %s", ", ".join(changed))
+        logger.warning("resuming with changed flags (the checkpoint's value, then this run's, which applies from here on): %s", ", ".join(changed))
     accelerator.wait_for_everyone()
     return resume
 

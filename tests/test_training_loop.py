@@ -783,7 +783,7 @@ def test_a_resume_names_the_flags_it_changes(tmp_path, no_final, caplog):
     tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=2, checkpointing_steps=2)
     with caplog.at_level(logging.WARNING, logger="longalign.training"):
         tiny_loop(tmp_path, data_and_noise_loss, max_train_steps=4, resume_from="latest", caption_dropout=0.2)
-    assert caplog.text.count("resuming with changed flags, which apply from here on: --caption_dropout 0.1 (this run: 0.2)") == 1
+    assert caplog.text.count("resuming with changed flags (the checkpoint's value, then this run's, which applies from here on): --caption_dropout 0.1 (this run: 0.2)") == 1
 
 
 def test_a_resume_checks_earlier_stages_by_their_weights_and_takes_a_gone_model_as_moved(tmp_path, no_final):
