@@ -6,6 +6,7 @@ The resolved configuration is written next to every output (`config.json`).
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import logging
 import math
@@ -52,7 +53,8 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "TextAdapter folder (hub path org/repo/folder or local); default: the adapter/ of the last --init_from "
-            "stage folder; align with no --init_from: shihaozhao/LaVi-Bridge/t5_unet/adapter"
+            "stage folder; with no --init_from, align trains shihaozhao/LaVi-Bridge/t5_unet/adapter and sample.py uses the "
+            "released LongSD weights, adapter and LoRAs"
         },
     )
     init_from: list[str] = field(
@@ -60,7 +62,7 @@ class ModelArguments:
         metadata={"help": "earlier stage LoRAs fused into the UNet in order: stage folders (runs/align-x/final), .safetensors or released .pt files"},
     )
     encoder_mode: str = field(default="clip+t5", metadata={"help": "text conditioning: clip+t5 (paper), clip or t5 (ablation)"})
-    segmenter: str = field(default="sentences", metadata={"help": f"prompt splitting: one of {', '.join(SEGMENTERS)} (legacy: the released rule)"})
+    segmenter: str = field(default="sentences", metadata={"help": f"prompt splitting: one of {', '.join(SEGMENTERS)} (legacy: the released rule, which sample.py picks for the released LongSD weights)"})
     token_length: int = field(default=240, metadata={"help": "tokens per branch (CLIP segments and T5) in the UNet context"})
 
     # The settings a stage's LoRA is tied to: sampling it with others conditions the UNet differently.
@@ -280,6 +282,16 @@ class RewardArguments(TrainingArguments, RewardConfig):
         )  # fmt: skip
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's "(default: X)" after each flag's help, left out where X is None or False (a
+    switch), or where the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def parse_flags(dataclass_types: Sequence[type], argv: list[str] | None = None) -> tuple[Any, ...]:
     """`--flags` (argv, default sys.argv) -> one instance per dataclass, via `HfArgumentParser`.
 
@@ -290,7 +302,7 @@ def parse_flags(dataclass_types: Sequence[type], argv: list[str] | None = None) 
     from transformers import HfArgumentParser
 
     program = os.path.basename(sys.argv[0]) or "longalign"
-    parser = HfArgumentParser(list(dataclass_types), usage=f"{program} [--flags]", allow_abbrev=False)
+    parser = HfArgumentParser(list(dataclass_types), usage=f"{program} [--flags]", allow_abbrev=False, formatter_class=_DefaultsHelp)
     *parsed, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     if unknown:
         raise UserError(f"unknown flag(s) {' '.join(unknown)}; {program} --help lists the flags")

@@ -230,12 +230,17 @@ def test_reward_stage_checks_its_preference_model_before_the_diffusion_models(tm
 
 @pytest.mark.parametrize("script", ["train_align", "train_lcm", "train_reward", "sample"])
 def test_help_lists_every_flag(script, capsys):
-    """`--help` formats every flag's help text (argparse reads a stray `%` as a format and fails)."""
+    """`--help` formats every flag's help text (argparse reads a stray `%` as a format and fails),
+    each default said once: not after a help that says it, nor as "None"."""
     module = __import__(script)
     with pytest.raises(SystemExit) as exit_info:
         module.main(["--help"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and "--segmenter" in out and ("--split" in out) == script.startswith("train")
+    flat = " ".join(out.split())
+    assert "(default: None)" not in flat and "(default: sentences)" in flat and "(default: 0)" in flat, flat  # --seed 0
+    said = "the sampler's" if script == "sample" else "the table file's folder"  # --steps; --image_root
+    assert f"(default: {said})" in flat and f"(default: {said}). (default" not in flat and f"(default: {said}) (default" not in flat
 
 
 def test_too_many_bad_rows_stop_with_a_clear_message(tmp_path, tiny_models):
