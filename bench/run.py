@@ -47,9 +47,9 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
-import signal
 import sys
 import tempfile
 import time
