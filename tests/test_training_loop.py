@@ -74,6 +74,17 @@ def data_and_noise_loss(parts, batch, generator):
     return parts.unet(rows + noise).pow(2).mean(), {}
 
 
+def nan_on_call(n):
+    """`data_and_noise_loss`, but NaN on its n-th call (of this loss function)."""
+    calls = []
+
+    def loss(parts, batch, generator):
+        calls.append(None)
+        return data_and_noise_loss(parts, batch, generator)[0] * (float("nan") if len(calls) == n else 1.0), {}
+
+    return loss
+
+
 def test_nonfinite_losses_are_skipped_then_stop(tmp_path, caplog):
     calls = []
 
@@ -668,13 +679,7 @@ def test_epochs_count_passes_over_the_data(tmp_path, no_final):
     assert checkpoint_dirs(str(tmp_path / "d" / "run")) == [finished]  # it finished at once: no step more
     assert (finished / "training_state.json").read_text() == saved
 
-    calls = []
-
-    def nan_on_the_last_window(parts, batch, generator):
-        calls.append(None)
-        return data_and_noise_loss(parts, batch, generator)[0] * (float("nan") if len(calls) == 4 else 1.0), {}
-
-    tiny_loop(tmp_path / "c", nan_on_the_last_window, max_train_steps=None, num_train_epochs=1)  # 4 windows
+    tiny_loop(tmp_path / "c", nan_on_call(4), max_train_steps=None, num_train_epochs=1)  # NaN on the last of 4 windows
     (last,) = checkpoint_dirs(str(tmp_path / "c" / "run"))  # the epoch ended on a dropped window: still saved
     state = json.loads((last / "training_state.json").read_text())
     assert state["global_step"] == 3 and state["sampler"]["position"] == 8
@@ -698,13 +703,6 @@ def test_a_failed_validation_is_a_warning_and_the_run_goes_on(tmp_path, monkeypa
 def test_a_step_saved_again_keeps_its_old_version_until_the_new_one_is_in_place(tmp_path, monkeypatch, no_final):
     """Step 3 is saved at its window and again when the epoch ends on a dropped window (4 rows
     later): a crash while the new version moves in must leave a complete step 3, not none."""
-    import os
-
-    calls = []
-
-    def nan_on_the_last_window(parts, batch, generator):
-        calls.append(None)
-        return data_and_noise_loss(parts, batch, generator)[0] * (float("nan") if len(calls) == 4 else 1.0), {}
 
     def crash_on_moving_in(source, target, rename=os.replace):
         if Path(source).name == ".tmp_step_0000003" and (Path(target).parent / ".old_step_0000003").exists():
@@ -713,11 +711,10 @@ def test_a_step_saved_again_keeps_its_old_version_until_the_new_one_is_in_place(
 
     with monkeypatch.context() as crashing, pytest.raises(OSError, match="disk gone"):
         crashing.setattr("longalign.training.os.replace", crash_on_moving_in)
-        tiny_loop(tmp_path, nan_on_the_last_window, max_train_steps=None, num_train_epochs=1, checkpointing_steps=1)
+        tiny_loop(tmp_path, nan_on_call(4), max_train_steps=None, num_train_epochs=1, checkpointing_steps=1)
     kept = tmp_path / "run" / "checkpoints" / ".old_step_0000003"
     assert json.loads((kept / "training_state.json").read_text())["sampler"]["position"] == 6  # the first save
-    calls.clear()
-    tiny_loop(tmp_path / "again", nan_on_the_last_window, max_train_steps=None, num_train_epochs=1, checkpointing_steps=1)
+    tiny_loop(tmp_path / "again", nan_on_call(4), max_train_steps=None, num_train_epochs=1, checkpointing_steps=1)
     folders = sorted(p.name for p in (tmp_path / "again" / "run" / "checkpoints").iterdir())
     assert folders == ["step_0000001", "step_0000002", "step_0000003"]  # no .old_step_ left
     last = json.loads((tmp_path / "again" / "run" / "checkpoints" / "step_0000003" / "training_state.json").read_text())
