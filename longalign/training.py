@@ -292,10 +292,11 @@ def _checked_resume(model_args: ModelArguments, args: TrainingArguments, stage: 
             raise UserError(
                 f"'{out}' holds another run than the one '{path}' belongs to; continue it in an empty --output_dir"
             )
-    saved_stage = (checkpoint_config(path) or {}).get("stage")
+    recorded = checkpoint_config(path) or {}
+    saved_stage = recorded.get("stage")
     if saved_stage is not None and saved_stage != stage:
         raise UserError(f"'{path}' is a checkpoint of the {saved_stage} stage; this run trains {stage}")
-    check_training_length(path, args)
+    check_training_length(path, args, recorded.get("training", {}))
     check_optimizer_settings(path, args)
     differences = resumed_differences(path, model_args, args)
     if differences["refused"]:
@@ -306,13 +307,14 @@ def _checked_resume(model_args: ModelArguments, args: TrainingArguments, stage: 
     return path, differences["changed"]
 
 
-def check_training_length(checkpoint: Path, args: TrainingArguments) -> None:
+def check_training_length(checkpoint: Path, args: TrainingArguments, recorded: dict) -> None:
     """A `UserError` when the run would end before the checkpoint: `final/` would hold its later
     state while `config.json` recorded the shorter run.
 
     A run of `--num_train_epochs N` stops at the first window's end at or past N epochs, so its
     last checkpoint may hold more than N (1.33 of 1, say): resuming it with the same stopping rule
-    (a crash after the last save, a requeued `--resume_from auto` job) finishes it, not refused."""
+    (a crash after the last save, a requeued `--resume_from auto` job) finishes it, not refused.
+    `recorded`: the training flags of the checkpoint's `config.json`."""
     state = saved_state(checkpoint) or {}
     step = state.get("global_step")
     if args.max_train_steps is not None:
@@ -323,7 +325,6 @@ def check_training_length(checkpoint: Path, args: TrainingArguments) -> None:
         done = ResumableSampler.from_state(state["sampler"]).epochs_consumed
     except (KeyError, TypeError, ValueError, UserError):
         return  # damaged: load_checkpoint names it
-    recorded = (checkpoint_config(checkpoint) or {}).get("training", {})
     same_rule = recorded.get("max_train_steps") is None and recorded.get("num_train_epochs") == args.num_train_epochs
     if done > args.num_train_epochs and not same_rule:
         raise UserError(
